@@ -1,0 +1,41 @@
+"""The `qalora` command. One error boundary for every subcommand: a UserError prints one
+line and exits 2 (set QALORA_DEBUG=1 for the traceback). Nothing heavy is imported here, so
+`qalora --help` answers at once."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from typer.core import TyperGroup
+
+from ..errors import UserError
+
+
+class _BoundaryGroup(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if os.environ.get("QALORA_DEBUG"):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_BoundaryGroup,
+    help="Quantize (GPTQ), fine-tune (QA-LoRA), merge exactly, export and evaluate causal LMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+from . import config_cmd, quantize_cmd  # noqa: E402  (they register themselves on `app`)
+
+app.add_typer(config_cmd.config_app, name="config")
+app.command("quantize")(quantize_cmd.quantize)
+
+
+def main() -> None:
+    app()

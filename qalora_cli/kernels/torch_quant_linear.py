@@ -1,0 +1,85 @@
+"""The reference QuantLinear: unpack, dequantize, matmul. Any torch device, integer (GPTQ
+`qzeros`) or float zero points, and gradients flow to the input (the weights stay frozen).
+Faster backends are tested against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.gptq_format import from_gptq_tensors, to_gptq_tensors
+from ..quant.groups import num_groups
+from ..quant.grid import expand_groups
+from ..quant.pack import pack_rows, unpack_rows
+from ..quant.result import QuantizedWeight
+from .base import BackendSupport
+
+SUPPORT = BackendSupport(
+    name="torch",
+    bits=(2, 3, 4, 8),
+    group_sizes="any divisor of in_features, or -1 (per-channel)",
+    zero_kinds=("int", "float"),
+    devices=("any",),
+    trainable_input=True,
+)
+
+
+class TorchQuantLinear(nn.Module):
+    support = SUPPORT
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = False, zero_kind: str = "int", dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.zero_kind = bits, group_size, zero_kind
+        groups = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        if zero_kind == "int":
+            self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        elif zero_kind == "float":
+            self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.float32))
+        else:
+            raise ValueError(f"zero_kind must be 'int' or 'float', got {zero_kind!r}")
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       zero_kind: str = "int", dtype: torch.dtype = torch.float16) -> "TorchQuantLinear":
+        out_f, in_f = qw.codes.shape
+        m = cls(in_f, out_f, qw.bits, qw.group_size, bias is not None, zero_kind, dtype)
+        m.qweight.copy_(pack_rows(qw.codes.t(), qw.bits, "the input width"))
+        if zero_kind == "int":
+            m.qzeros.copy_(to_gptq_tensors(qw)["qzeros"])
+        else:
+            m.zeros.copy_(qw.zeros)
+        m.scales.copy_(qw.scales.to(dtype))
+        m.g_idx.copy_(qw.g_idx)
+        if bias is not None:
+            m.bias.data.copy_(bias.to(dtype))
+        return m
+
+    def quantized_weight(self) -> QuantizedWeight:
+        if self.zero_kind == "int":
+            return from_gptq_tensors({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales,
+                                      "g_idx": self.g_idx}, self.bits, self.group_size)
+        codes = unpack_rows(self.qweight, self.bits, self.in_features).t().contiguous()
+        return QuantizedWeight(codes, self.scales.float(), self.zeros.float(), self.g_idx.clone(),
+                               self.bits, self.group_size)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W~ [out, in]; computed in float32, returned in `dtype` (default: the scales')."""
+        qw = self.quantized_weight()
+        s = expand_groups(qw.scales, qw.g_idx)
+        z = expand_groups(qw.zeros, qw.g_idx)
+        return (s * (qw.codes.float() - z)).to(dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, zeros={self.zero_kind}")

@@ -1,0 +1,39 @@
+"""Load a full-precision causal LM and its tokenizer from any ModelSource."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config.schema import ModelSection
+from ..errors import UserError
+from .source import ModelSource, resolve_source
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(m: ModelSection, device: str = "cpu"):
+    """-> (model in eval mode on `device`, tokenizer, source)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(m)
+    kw = dict(gguf_file=src.gguf_file, revision=src.revision, trust_remote_code=m.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.location, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=DTYPES[m.dtype], **kw)
+    except Exception as e:  # the loading boundary: corrupt files, missing weights, no network
+        raise UserError(f"could not load the model '{src.describe()}': {_first_line(e)}") from e
+    if src.gguf_file:
+        # transformers dequantizes GGUF weights at load; nothing quantized remains, so the
+        # model must not claim a quantizer when saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.eval().to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, src
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,129 @@
+"""Write and read quantized checkpoints: a Hugging Face folder whose quantized linear layers
+hold `qweight`, `qzeros` (z - 1, GPTQ v1), `scales` and `g_idx`, with `quantization_config`
+in config.json. transformers + GPTQModel, vLLM and exllama read the same files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config.schema import QuantizeSection
+from ..errors import UserError
+from ..kernels.torch_quant_linear import TorchQuantLinear
+from ..quant.result import QuantizedWeight
+
+
+def gptq_quantization_config(q: QuantizeSection) -> dict:
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": q.bits,
+        "group_size": q.group_size,
+        "desc_act": q.act_order,
+        "static_groups": q.static_groups,
+        "sym": q.sym,
+        "true_sequential": q.true_sequential,
+        "damp_percent": q.damp_percent,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "quantizer": [f"qalora:{_version()}"],
+    }
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def install_quant_linears(model: nn.Module, weights: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
+    """Replace each named nn.Linear by a TorchQuantLinear holding its quantized weight."""
+    for name, qw in weights.items():
+        lin = model.get_submodule(name)
+        _set_module(model, name, TorchQuantLinear.from_quantized(qw, lin.bias, "int", dtype))
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: Path, quantization_config: dict,
+                   dtype: torch.dtype, max_shard_size: str) -> None:
+    model.to(dtype)  # floating tensors only: packed int32 buffers keep their type
+    model.config.quantization_config = quantization_config
+    model.config.dtype = dtype
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    # GPTQModel and older AutoGPTQ readers look for this file beside config.json.
+    (out_dir / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2) + "\n")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise UserError(f"'{path}' holds no safetensors weights (model.safetensors or an index)")
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """-> (model with TorchQuantLinear layers, quantization_config dict). No weight is
+    materialized in full precision: the model is built empty, then filled from the files."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"'{path}' is not a quantized model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
+        raise UserError(f"'{path}' is not a GPTQ checkpoint (no quantization_config with quant_method gptq)")
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise UserError(f"'{path}': checkpoint_format {qc.get('checkpoint_format')!r} is not supported; "
+                        "qalora reads the GPTQ v1 layout ('gptq')")
+    del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+
+    files = _weight_files(path)
+    try:
+        keys = {}
+        for f in files:
+            with safe_open(f, "pt") as sf:
+                keys.update({k: f for k in sf.keys()})
+    except Exception as e:
+        raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for key in keys:
+        if key.endswith(".qweight"):
+            name = key[: -len(".qweight")]
+            lin = model.get_submodule(name)
+            _set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, qc["bits"],
+                                                      qc["group_size"], lin.bias is not None, "int", dtype))
+    state = {}
+    try:
+        for f in files:
+            with safe_open(f, "pt") as sf:
+                state.update({k: sf.get_tensor(k) for k in sf.keys()})
+    except Exception as e:
+        raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty or result.unexpected_keys:
+        what = f"missing {still_empty[:3]}" if still_empty else f"unexpected {result.unexpected_keys[:3]}"
+        raise UserError(f"'{path}': weights do not match the model config ({what})")
+    return model.to(device=device, dtype=dtype).eval(), qc

@@ -1,0 +1,25 @@
+"""What quantizing one linear layer produces: codes and the grid, in DESIGN.md's layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import expand_groups
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor   # int32 [out, in], values in [0, 2^bits - 1]
+    scales: torch.Tensor  # float32 [groups, out]
+    zeros: torch.Tensor   # float32 [groups, out]; integers after quantization, fractional after merge
+    g_idx: torch.Tensor   # int32 [in]: the group of each input column
+    bits: int
+    group_size: int       # -1 for per-channel (one group)
+
+    def dequantize(self) -> torch.Tensor:
+        """W~ [out, in] in float32."""
+        s = expand_groups(self.scales, self.g_idx)
+        z = expand_groups(self.zeros, self.g_idx)
+        return s * (self.codes.float() - z)

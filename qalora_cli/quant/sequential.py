@@ -1,0 +1,157 @@
+"""Quantize a model block by block: each block sees the outputs of the already-quantized
+blocks before it, and (true-sequential) each group of linear layers inside a block sees the
+outputs of the already-quantized groups before it. Memory holds one block's activations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config.schema import QuantizeSection
+from ..models.blocks import (BlockInputs, _Stop, capture_block_inputs, decoder_blocks, linear_layers,
+                             sequential_groups)
+from .gptq import HessianAccumulator, gptq_quantize, output_error
+from .groups import check_group_size
+from .pack import _check as check_packable
+from .result import QuantizedWeight
+from .rtn import rtn_quantize
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    rel_output_error: float  # |(W - W~) X|^2 / |W X|^2 on the calibration inputs
+    damp_percent: float | None
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_layers(model: nn.Module, q: QuantizeSection) -> None:
+    """Every user-fixable shape problem, before any work is done."""
+    prefix, blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, lin in linear_layers(block).items():
+            full = f"{prefix}.{i}.{name}"
+            check_group_size(lin.in_features, q.group_size, full)
+            check_packable(q.bits, lin.in_features, f"the input width of {full}")
+            check_packable(q.bits, lin.out_features, f"the output width of {full}")
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_early: bool) -> dict[str, HessianAccumulator]:
+    """One forward pass over the calibration batches, accumulating the input Hessian of each
+    named layer. Layers fed the same tensor share one accumulator; with `stop_early` the pass
+    ends as soon as every named layer has seen its input."""
+    layers = linear_layers(block)
+    accs: dict[str, HessianAccumulator] = {}
+    by_input: dict[int, HessianAccumulator] = {}
+    fired: set[str] = set()
+
+    def hook(name):
+        def f(_mod, args):
+            x = args[0]
+            acc = by_input.get(id(x))
+            if acc is None:
+                acc = accs.get(name) or HessianAccumulator(x.shape[-1], x.device)
+                acc.add(x)
+                by_input[id(x)] = acc
+            accs[name] = acc
+            fired.add(name)
+            if stop_early and fired.issuperset(names):
+                raise _Stop
+        return f
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for hidden, kw in zip(inputs.hidden, inputs.kwargs):
+            by_input.clear()
+            fired.clear()
+            try:
+                block(hidden, **kw)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _quantize_layer(lin: nn.Linear, H: torch.Tensor, q: QuantizeSection) -> tuple[QuantizedWeight, float | None]:
+    if q.method == "rtn":
+        return rtn_quantize(lin.weight.data.to(H.device), q.bits, q.group_size, q.sym), None
+    qw, stats = gptq_quantize(lin.weight.data, H, q.bits, q.group_size, q.sym, q.damp_percent,
+                              q.block_size, q.act_order, q.static_groups)
+    return qw, stats.damp_percent
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection, device: torch.device,
+                   on_block: Callable[[int, int], None] | None = None
+                   ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+    """Quantize every linear layer of the decoder blocks in place (weights become W~) and
+    return the quantized weights by full module name, with a report per layer."""
+    prefix, blocks = decoder_blocks(model)
+    # Everything but the blocks (embeddings, final norm, head) goes to the device; each block
+    # visits the device only for its turn.
+    blocks.to("cpu")
+    _move_non_block_parts(model, blocks, device)
+    batches = [b.to(device) for b in calib_ids.split(q.batch_size)]
+    inputs = capture_block_inputs(model, blocks, batches)
+    _move_non_block_parts(model, blocks, "cpu")
+
+    results: dict[str, QuantizedWeight] = {}
+    reports: list[LayerReport] = []
+    for i, block in enumerate(blocks):
+        block.to(device)
+        layers = linear_layers(block)
+        if q.true_sequential:
+            groups = sequential_groups(block, inputs.hidden[0], inputs.kwargs[0])
+        else:
+            groups = [list(layers)]
+        for group in groups:
+            accs = _hessians(block, group, inputs, stop_early=q.true_sequential)
+            for name in group:
+                lin = layers[name]
+                t0 = time.perf_counter()
+                H = accs[name].H
+                w = lin.weight.data.float()
+                qw, damp = _quantize_layer(lin, H, q)
+                approx = qw.dequantize().to(H.device)
+                err = output_error(w, approx, H)
+                lin.weight.data.copy_(approx.to(lin.weight.dtype))
+                full = f"{prefix}.{i}.{name}"
+                results[full] = qw
+                reports.append(LayerReport(full, lin.in_features, lin.out_features, err, damp,
+                                           time.perf_counter() - t0))
+            del accs
+        inputs.hidden = [_block_output(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+        block.to("cpu")
+        if on_block:
+            on_block(i + 1, len(blocks))
+    return results, reports
+
+
+def _move_non_block_parts(model: nn.Module, blocks: nn.ModuleList, device) -> None:
+    """Move every parameter and buffer outside the blocks to `device`."""
+    block_ids = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in block_ids and p.device != torch.device(device):
+                p.data = p.data.to(device)
+        for key, b in list(mod._buffers.items()):
+            if b is not None and id(b) not in block_ids:
+                mod._buffers[key] = b.to(device)
