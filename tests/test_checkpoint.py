@@ -89,3 +89,26 @@ def test_peer_transformers_gptqmodel_same_logits(quantized):
     # the peer's CPU kernel computes in fp16, so logits agree to fp16 accuracy
     assert (a - b).abs().max() <= 3e-2 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_sharded_checkpoint_round_trip(tiny_model_dir, tmp_path):
+    out = tmp_path / "sharded"
+    data = tiny_config_dict(tiny_model_dir, out)
+    data["output"]["max_shard_size"] = "40KB"
+    run(validate(data, "test"), show_progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (out / "model.safetensors").exists()
+    model, qc = load_quantized(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_loader_refuses_what_it_cannot_read(tiny_model_dir, tmp_path):
+    from qalora_cli.errors import UserError
+
+    with pytest.raises(UserError, match="not a GPTQ checkpoint"):
+        load_quantized(tiny_model_dir)
+    with pytest.raises(UserError, match="no config.json"):
+        load_quantized(tmp_path)

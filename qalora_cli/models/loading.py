@@ -15,6 +15,7 @@ def load_model(m: ModelSection, device: str = "cpu"):
     """-> (model in eval mode on `device`, tokenizer, source)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     src = resolve_source(m)
     kw = dict(gguf_file=src.gguf_file, revision=src.revision, trust_remote_code=m.trust_remote_code)
     try:
@@ -37,3 +38,11 @@ def load_model(m: ModelSection, device: str = "cpu"):
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def quiet_transformers() -> None:
+    """qalora shows its own progress; transformers' per-file bars and notices are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -80,6 +80,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .loading import quiet_transformers
+
+    quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' is not a quantized model folder (no config.json)")

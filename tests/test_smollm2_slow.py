@@ -1,0 +1,71 @@
+"""The real model: SmolLM2-135M (embedded GGUF) quantized end to end, read back by qalora
+and by transformers + GPTQModel. Marked slow: CI runs it as its second step."""
+
+import json
+
+import pytest
+import torch
+
+from qalora_cli.config.loader import load_config
+from qalora_cli.data.builtin_text import heldout_text
+from qalora_cli.eval.perplexity import perplexity
+from qalora_cli.models.loading import load_model
+from qalora_cli.models.quantized_io import load_quantized
+from qalora_cli.recipes.quantize import REPORT_NAME, run
+
+pytestmark = pytest.mark.slow
+
+SMALL_CALIBRATION = ["calibration.num_samples=32", "calibration.seq_len=128", "quantize.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    cfg = load_config("smollm2-135m-int4")
+    model, tok, _ = load_model(cfg.model)
+    ids = tok(heldout_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return model, tok, ids
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    outs = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path_factory.mktemp(method) / "m"
+        run(load_config("smollm2-135m-int4", SMALL_CALIBRATION + [f"quantize.method={method}",
+                                                                   f"output.dir={out}"]), show_progress=False)
+        outs[method] = out
+    return outs
+
+
+def test_gptq_beats_rtn_layer_by_layer(quantized):
+    rtn = json.loads((quantized["rtn"] / REPORT_NAME).read_text())["layers"]
+    gptq = json.loads((quantized["gptq"] / REPORT_NAME).read_text())["layers"]
+    assert len(gptq) == 30 * 7
+    better = sum(g["rel_output_error"] < r["rel_output_error"] for g, r in zip(gptq, rtn))
+    assert better >= 0.95 * len(gptq)
+
+
+def test_gptq_int4_perplexity_close_to_unquantized(base, quantized):
+    model, _, ids = base
+    with torch.no_grad():
+        ppl_base = perplexity(model, ids, 512, max_tokens=8192)["ppl"]
+        q, _ = load_quantized(quantized["gptq"], dtype=torch.float32)
+        ppl_q = perplexity(q, ids, 512, max_tokens=8192)["ppl"]
+        r, _ = load_quantized(quantized["rtn"], dtype=torch.float32)
+        ppl_r = perplexity(r, ids, 512, max_tokens=8192)["ppl"]
+    assert ppl_q < ppl_base * 1.05
+    assert ppl_q < ppl_r
+
+
+def test_peer_loads_the_smollm2_checkpoint(base, quantized):
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM
+
+    _, _, ids = base
+    window = ids[:128].unsqueeze(0)
+    ours, _ = load_quantized(quantized["gptq"], dtype=torch.float32)
+    peer = AutoModelForCausalLM.from_pretrained(quantized["gptq"], device_map="cpu", dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = ours(window).logits, peer(window).logits.float()
+    assert (a - b).abs().max() <= 3e-2 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
