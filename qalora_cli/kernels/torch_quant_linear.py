@@ -6,13 +6,12 @@ Faster backends are tested against this one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..quant.gptq_format import from_gptq_tensors, to_gptq_tensors
 from ..quant.groups import num_groups
-from ..quant.grid import expand_groups
-from ..quant.pack import pack_rows, unpack_rows
+from ..quant.grid import max_code
+from ..quant.pack import pack_rows, unpack_cols, unpack_rows
 from ..quant.result import QuantizedWeight
 from .base import BackendSupport
 
@@ -70,15 +69,33 @@ class TorchQuantLinear(nn.Module):
         return QuantizedWeight(codes, self.scales.float(), self.zeros.float(), self.g_idx.clone(),
                                self.bits, self.group_size)
 
+    def _zeros(self) -> torch.Tensor:
+        if self.zero_kind == "float":
+            return self.zeros.float()
+        stored = unpack_cols(self.qzeros, self.bits, self.out_features)
+        return ((stored + 1) & max_code(self.bits)).float()  # v1 stores z - 1
+
+    def _weight_in_out(self, dtype: torch.dtype) -> torch.Tensor:
+        """W~ transposed, [in, out], computed in float32: the layout the codes are packed in,
+        so no transpose or [out, in] gather is needed on the hot path."""
+        codes = unpack_rows(self.qweight, self.bits, self.in_features)  # [in, out]
+        scales, zeros = self.scales.float(), self._zeros()
+        groups = scales.shape[0]
+        if torch.equal(self.g_idx, torch.arange(self.in_features, device=self.g_idx.device,
+                                                dtype=self.g_idx.dtype) * groups // self.in_features):
+            c = codes.view(groups, self.in_features // groups, self.out_features).float()
+            w = (c - zeros.unsqueeze(1)) * scales.unsqueeze(1)
+            return w.view(self.in_features, self.out_features).to(dtype)
+        g = self.g_idx.long()  # act-order: groups are not contiguous
+        return ((codes.float() - zeros[g]) * scales[g]).to(dtype)
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W~ [out, in]; computed in float32, returned in `dtype` (default: the scales')."""
-        qw = self.quantized_weight()
-        s = expand_groups(qw.scales, qw.g_idx)
-        z = expand_groups(qw.zeros, qw.g_idx)
-        return (s * (qw.codes.float() - z)).to(dtype or self.scales.dtype)
+        """W~ [out, in] in `dtype` (default: the scales')."""
+        return self._weight_in_out(dtype or self.scales.dtype).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = torch.matmul(x, self._weight_in_out(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

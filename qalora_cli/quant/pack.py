@@ -44,6 +44,12 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     m = packed.shape[1]
     if packed.shape[0] * 32 != n * bits:
         raise UserError(f"a packed tensor of {packed.shape[0]} rows cannot hold {n} values of {bits} bits")
+    if 32 % bits == 0:
+        # Whole values per word: one vectorized shift (an arithmetic shift of a negative word
+        # brings in ones from the left, which the mask removes).
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device).view(1, per_word, 1)
+        return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(n, m)
     words = (packed.to(torch.int64) & _MASK32).reshape(n // 32, bits, m)
     mask = (1 << bits) - 1
     out = torch.empty(n // 32, 32, m, dtype=torch.int64, device=packed.device)

@@ -1,0 +1,650 @@
+"""Benchmark: qalora vs GPTQModel, quantizing the same model with the same calibration ids
+and the same GPTQ settings, side by side in one run.
+
+What it measures, per tool, each in its own fresh Python process:
+  - quantize seconds: the quantize step alone (calibration forwards, GPTQ, packing into
+    QuantLinear layers), without imports, model loading or saving;
+  - total seconds: the whole worker, from before `import torch` to the checkpoint on disk;
+  - peak RSS: the worker's VmHWM (/proc/self/status) at its end;
+and then, in this (parent) process, the held-out perplexity of both GPTQ v1 checkpoints,
+both read by qalora's `load_quantized`, and of the unquantized model.
+
+Model: the embedded SmolLM2-135M (built-in config `smollm2-135m-int4`), saved once as a plain
+Hugging Face folder so that both tools load the same float weights. Calibration: qalora's
+builtin text, `--samples` windows of `--seq-len` tokens, seed 0, saved once as safetensors;
+qalora draws them itself (through its config) and the script checks that they are the very
+ids GPTQModel is given.
+
+Run (from the repository root, with the project's virtual environment):
+
+    GPTQMODEL_CPU_WORKERS=2 .venv/bin/python scripts/bench_quantize_vs_gptqmodel.py
+
+    # smoke test, under a minute on an idle machine: 8 x 64 tokens, the first 4 decoder
+    # layers only, 2048 ppl tokens (the perplexity of a cut model only checks the plumbing)
+    GPTQMODEL_CPU_WORKERS=2 .venv/bin/python scripts/bench_quantize_vs_gptqmodel.py --tiny --work out/bench-tiny
+
+    # redo only the perplexities and the report of an earlier run in the same --work
+    ... --reuse-quantized
+
+Results: a markdown table on stdout and `<work>/results.json`; worker logs in `<work>/log-*.txt`.
+Timings are only meaningful on an otherwise idle machine: the report measures how much CPU
+other processes took during each worker and warns when it is more than 5%. (On 2 cores, a
+second busy process slows torch's threaded ops far more than 2x, unevenly between tools.)
+"""
+
+from __future__ import annotations
+
+import time
+
+T_PROCESS = time.perf_counter()  # a worker's "total" starts here, before the heavy imports
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BUILTIN_CONFIG = "smollm2-135m-int4"
+TOOLS = ("qalora", "gptqmodel")
+TINY = {"samples": 8, "seq_len": 64, "ppl_tokens": 2048, "layers": 4}
+FULL = {"samples": 128, "seq_len": 256, "ppl_tokens": 16384, "layers": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and the settings both tools share
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="out/bench", help="cache and output folder (default out/bench)")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"smoke test: defaults become {TINY} (layers 0 = all)")
+    p.add_argument("--samples", type=int, help=f"calibration samples (default {FULL['samples']})")
+    p.add_argument("--seq-len", type=int, help=f"calibration tokens per sample (default {FULL['seq_len']})")
+    p.add_argument("--layers", type=int, help="keep only the first N decoder layers (default 0: all 30)")
+    p.add_argument("--ppl-tokens", type=int, help=f"held-out tokens scored (default {FULL['ppl_tokens']})")
+    p.add_argument("--ppl-seq-len", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass")
+    p.add_argument("--damp", type=float, default=0.01, help="damp_percent")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded in, i.e. of the calibration forwards")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--gptqmodel-offload-to-disk", action="store_true",
+                   help="keep GPTQModel's default offload_to_disk=True (off by default: qalora keeps "
+                        "the model in memory, so both do)")
+    p.add_argument("--reuse-quantized", action="store_true",
+                   help="skip quantizing: reuse the checkpoints and timings of an earlier run with the "
+                        "same settings in --work, and only redo the perplexities and the report")
+    p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)  # internal: run one tool
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    preset = TINY if args.tiny else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def make_spec(args: argparse.Namespace, work: Path, hf_dir: Path, calib_file: Path) -> dict:
+    """Everything a worker needs, as plain JSON: both workers read the same spec."""
+    return {
+        "hf_dir": str(hf_dir), "calib_file": str(calib_file), "work": str(work),
+        "bits": args.bits, "group_size": args.group_size, "sym": False, "act_order": False,
+        "damp_percent": args.damp, "true_sequential": True, "batch_size": args.batch_size,
+        "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
+        "gptqmodel_offload_to_disk": args.gptqmodel_offload_to_disk,
+    }
+
+
+def qalora_config(spec: dict, out_dir: Path | None = None):
+    """The built-in SmolLM2 config pointed at the HF folder, with the benchmark's settings.
+    Used by `prepare` (for the calibration section) and by the qalora worker alike."""
+    from qalora_cli.config.loader import load_config
+
+    overrides = [
+        f"model.name_or_path={spec['hf_dir']}", "model.package=null", "model.gguf_file=null",
+        f"model.dtype={spec['dtype']}",
+        "quantize.method=gptq", f"quantize.bits={spec['bits']}", f"quantize.group_size={spec['group_size']}",
+        f"quantize.sym={str(spec['sym']).lower()}", f"quantize.act_order={str(spec['act_order']).lower()}",
+        f"quantize.damp_percent={spec['damp_percent']}",
+        f"quantize.true_sequential={str(spec['true_sequential']).lower()}",
+        f"quantize.batch_size={spec['batch_size']}", "quantize.device=cpu",
+        "calibration.source=builtin", f"calibration.num_samples={spec['samples']}",
+        f"calibration.seq_len={spec['seq_len']}", f"calibration.seed={spec['seed']}",
+        f"output.dir={out_dir or Path(spec['work']) / 'q-qalora'}", "output.overwrite=true",
+    ]
+    return load_config(BUILTIN_CONFIG, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (once, cached in --work): the HF folder and the calibration ids
+# ---------------------------------------------------------------------------------------------
+
+def prepare_model_folder(work: Path, layers: int) -> Path:
+    """SmolLM2 from the embedded GGUF, saved as a float32 HF folder (safetensors + tokenizer).
+    With `layers` > 0 only the first `layers` decoder blocks are kept (smoke tests)."""
+    hf_dir = work / (f"hf-smollm2-135m-{layers}L" if layers else "hf-smollm2-135m")
+    if (hf_dir / "config.json").is_file():
+        return hf_dir
+    from qalora_cli.config.loader import load_config
+    from qalora_cli.models.blocks import decoder_blocks
+    from qalora_cli.models.loading import load_model
+
+    print(f"preparing {hf_dir} from the embedded GGUF ...", flush=True)
+    cfg = load_config(BUILTIN_CONFIG, ["model.dtype=float32"])
+    model, tokenizer, _ = load_model(cfg.model)
+    if layers:
+        prefix, blocks = decoder_blocks(model)
+        parent, _, attr = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), attr, blocks[:layers])
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+    # Write to a temporary folder and rename, so an interrupted run leaves no half cache.
+    tmp = hf_dir.with_name(hf_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(hf_dir)
+    return hf_dir
+
+
+def calibration_path(work: Path, args: argparse.Namespace) -> Path:
+    return work / f"calib-builtin-n{args.samples}-len{args.seq_len}-seed{args.seed}.safetensors"
+
+
+def prepare_calibration(spec: dict) -> None:
+    """qalora's builtin calibration ids, drawn with the HF folder's tokenizer (the one both
+    tools load), saved as safetensors at spec["calib_file"]."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from qalora_cli.data.calibration import calibration_batches
+
+    if Path(spec["calib_file"]).is_file():
+        return
+    cfg = qalora_config(spec)
+    tokenizer = AutoTokenizer.from_pretrained(spec["hf_dir"])
+    ids = calibration_batches(cfg.calibration, tokenizer)
+    save_file({"input_ids": ids.contiguous()}, spec["calib_file"])
+
+
+def load_calibration(path: str):
+    from safetensors.torch import load_file
+
+    return load_file(path)["input_ids"]
+
+
+def ids_digest(ids) -> str:
+    import torch
+
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one tool per fresh process
+# ---------------------------------------------------------------------------------------------
+
+def peak_rss_mib() -> float:
+    """High-water resident memory of this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class Stopwatch:
+    """Accumulated seconds of one or more calls, wrapped around a function."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
+def worker_qalora(spec: dict) -> dict:
+    """qalora's real `recipes.quantize.run`, with three of its module-level helpers wrapped
+    (not replaced) to time the quantize step and to capture the calibration ids it draws."""
+    import torch
+
+    import qalora_cli.recipes.quantize as recipe
+
+    expected = load_calibration(spec["calib_file"])
+    out_dir = Path(spec["work"]) / "q-qalora"
+    cfg = qalora_config(spec, out_dir)
+    captured = {}
+
+    def capture_calibration(c, tokenizer, _orig=recipe.calibration_batches):
+        captured["ids"] = _orig(c, tokenizer)
+        return captured["ids"]
+
+    # The quantize step = calibration forwards + GPTQ (quantize_model) + packing into
+    # QuantLinear layers (install_quant_linears): what GPTQModel's `quantize()` also does.
+    gptq_time, pack_time = Stopwatch(), Stopwatch()
+    recipe.calibration_batches = capture_calibration
+    recipe.quantize_model = gptq_time.wrap(recipe.quantize_model)
+    recipe.install_quant_linears = pack_time.wrap(recipe.install_quant_linears)
+
+    t0 = time.perf_counter()
+    report = recipe.run(cfg, show_progress=False)
+    t_end = time.perf_counter()
+    ids = captured["ids"]
+    return {
+        "quantize_s": gptq_time.seconds + pack_time.seconds,
+        "phases_s": {"gptq": gptq_time.seconds, "pack": pack_time.seconds, "run_total": t_end - t0,
+                     "imports": t0 - T_PROCESS, "qalora_report": report["seconds"]},
+        "total_s": t_end - T_PROCESS,
+        "calib_digest": ids_digest(ids),
+        "calib_equal": bool(ids.shape == expected.shape and torch.equal(ids, expected)),
+        "calib_batches": [len(b) for b in ids.split(spec["batch_size"])],
+        "settings": {"quantize": cfg.quantize.model_dump(), "model_dtype": cfg.model.dtype,
+                     "output_dtype": cfg.output.dtype},
+        "out_dir": str(out_dir),
+    }
+
+
+def gptqmodel_quantize_config(spec: dict):
+    from gptqmodel import QuantizeConfig
+
+    return QuantizeConfig(
+        method="gptq", format="gptq",  # GPTQ v1 checkpoint: qzeros stored as z - 1
+        bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
+        desc_act=spec["act_order"],
+        # GPTQModel 7.6 turns on group-aware activation reordering (GAR) for GPTQ by default;
+        # qalora has no such step, so it is switched off to run the same algorithm.
+        act_group_aware=False,
+        static_groups=False, damp_percent=spec["damp_percent"], true_sequential=spec["true_sequential"],
+        mse=0.0,  # plain min/max grid, as qalora
+        # Default: RTN for modules that see < 0.5% of the calibration tokens (MoE); a dense
+        # model never triggers it, but None makes "GPTQ everywhere" explicit.
+        fallback=None,
+        lm_head=False, device="cpu",
+        # Default True: finished layers are written to a temp dir to save RAM. qalora keeps
+        # the model in memory, so by default GPTQModel does too.
+        offload_to_disk=spec["gptqmodel_offload_to_disk"],
+    )
+
+
+def worker_gptqmodel(spec: dict) -> dict:
+    import torch
+    from gptqmodel import GPTQModel
+
+    ids = load_calibration(spec["calib_file"])
+    out_dir = Path(spec["work"]) / "q-gptqmodel"
+    qcfg = gptqmodel_quantize_config(spec)
+    t0 = time.perf_counter()
+    # No device= here: GPTQModel refuses it when QuantizeConfig.device is set (it always loads
+    # the float model on CPU). dtype must be given: "auto" may pick bfloat16 on CPU.
+    model = GPTQModel.load(spec["hf_dir"], qcfg, dtype=getattr(torch, spec["dtype"]))
+    t_loaded = time.perf_counter()
+
+    # Capture what GPTQModel actually batches, to check that it quantizes exactly our ids.
+    seen = {}
+    orig_prepare = model.prepare_dataset
+
+    def capture_prepare(*a, **kw):
+        seen["batches"] = orig_prepare(*a, **kw)
+        return seen["batches"]
+
+    model.prepare_dataset = capture_prepare
+    calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    t_q0 = time.perf_counter()
+    # calibration_sort=None keeps our order (the default "desc" sorts by length; all are equal).
+    model.quantize(calibration, batch_size=spec["batch_size"], calibration_sort=None)
+    t_q1 = time.perf_counter()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save(str(out_dir))
+    t_end = time.perf_counter()
+
+    batches = seen.get("batches") or []
+    fed = torch.cat([b["input_ids"] for b in batches]) if batches else torch.empty(0, dtype=torch.long)
+    masks_all_one = all(bool(b["attention_mask"].all()) for b in batches if "attention_mask" in b)
+    return {
+        "quantize_s": t_q1 - t_q0,
+        "phases_s": {"imports": t0 - T_PROCESS, "load": t_loaded - t0, "save": t_end - t_q1},
+        "total_s": t_end - T_PROCESS,
+        "calib_digest": ids_digest(fed) if fed.numel() else None,
+        "calib_equal": bool(fed.shape == ids.shape and torch.equal(fed, ids) and masks_all_one),
+        "calib_batches": [len(b["input_ids"]) for b in batches],
+        "settings": {"quantize_config": _jsonable(qcfg.to_dict()), "model_dtype": str(model.model.dtype),
+                     "support_batch_quantize": bool(getattr(model, "support_batch_quantize", True))},
+        "out_dir": str(out_dir),
+    }
+
+
+def checkpoint_facts(folder: Path) -> dict:
+    """Size and tensor dtypes of a saved checkpoint: the tools need not store the unquantized
+    tensors (embeddings, norms) alike, which shows in size and slightly in perplexity."""
+    from safetensors import safe_open
+
+    dtypes: dict[str, set] = {"scales": set(), "unquantized": set()}
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            for key in sf.keys():
+                kind = key.rsplit(".", 1)[-1]
+                if kind == "scales":
+                    dtypes["scales"].add(sf.get_slice(key).get_dtype())
+                elif kind not in ("qweight", "qzeros", "g_idx"):
+                    dtypes["unquantized"].add(sf.get_slice(key).get_dtype())
+    return {"size_mib": sum(f.stat().st_size for f in files) / 2**20,
+            **{k: sorted(v) for k, v in dtypes.items()}}
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    spec = json.loads(Path(args.spec).read_text())
+    import torch
+
+    result = {"qalora": worker_qalora, "gptqmodel": worker_gptqmodel}[args.worker](spec)
+    result.update(tool=args.worker, peak_rss_mib=peak_rss_mib(), torch_threads=torch.get_num_threads(),
+                  checkpoint=checkpoint_facts(Path(result["out_dir"])))
+    Path(args.result).write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+class OtherCpuLoad:
+    """Share of the machine's CPU time used by processes other than our workers while they
+    run: timings are only comparable when this is near 0 for both tools. From /proc/stat
+    (all processes) minus the workers' own CPU time (RUSAGE_CHILDREN); Linux only."""
+
+    def __enter__(self):
+        self.stat0, self.own0 = self._stat(), self._children_cpu()
+        return self
+
+    def __exit__(self, *exc):
+        stat1, own1 = self._stat(), self._children_cpu()
+        self.share = None
+        if self.stat0 and stat1:
+            tick = os.sysconf("SC_CLK_TCK")
+            busy = (stat1[0] - self.stat0[0]) / tick
+            capacity = (stat1[1] - self.stat0[1]) / tick
+            if capacity > 0:
+                self.share = max(0.0, busy - (own1 - self.own0)) / capacity
+
+    @staticmethod
+    def _stat():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        busy = sum(v[:8]) - idle  # user nice system idle iowait irq softirq steal
+        return busy, busy + idle
+
+    @staticmethod
+    def _children_cpu() -> float:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+
+def reuse_runs(spec: dict, spec_path: Path, work: Path) -> dict:
+    """The worker results of an earlier run in `work`, only if it used these very settings."""
+    if not spec_path.is_file() or json.loads(spec_path.read_text()) != spec:
+        raise SystemExit(f"--reuse-quantized: {spec_path} is missing or was written with other settings")
+    runs = {}
+    for tool in TOOLS:
+        path = work / f"result-{tool}.json"
+        if not path.is_file():
+            raise SystemExit(f"--reuse-quantized: no {path}; run without --reuse-quantized first")
+        runs[tool] = json.loads(path.read_text())
+    print(f"reusing the quantized checkpoints and timings in {work}", flush=True)
+    return runs
+
+
+def run_worker(tool: str, spec_path: Path, work: Path) -> dict:
+    """Run one tool in a fresh interpreter; its output goes to <work>/log-<tool>.txt."""
+    result_path, log_path = work / f"result-{tool}.json", work / f"log-{tool}.txt"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool,
+           "--spec", str(spec_path), "--result", str(result_path)]
+    env = dict(os.environ)
+    env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel's own thread pool on this 2-core box
+    print(f"[{tool}] quantizing in a fresh process (log: {log_path}) ...", flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log, OtherCpuLoad() as load:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0 or not result_path.is_file():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        print(f"[{tool}] FAILED (exit {rc}); last lines of {log_path}:\n{tail}", flush=True)
+        return {"tool": tool, "error": f"exit {rc}, see {log_path}", "process_wall_s": wall}
+    result = json.loads(result_path.read_text())
+    result.update(process_wall_s=wall, other_cpu_share=load.share)
+    result_path.write_text(json.dumps(result, indent=2) + "\n")  # with the parent's measures, for reuse
+    print(f"[{tool}] done: quantize {result['quantize_s']:.1f} s, total {result['total_s']:.1f} s, "
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity (parent process)
+# ---------------------------------------------------------------------------------------------
+
+def heldout_ids(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    from qalora_cli.data.builtin_text import heldout_text
+    from qalora_cli.models.loading import quiet_transformers
+
+    quiet_transformers()  # no per-file progress bars in the report
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    return tokenizer(heldout_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def load_for_eval(folder: Path, unquantized: bool = False):
+    """-> (model, how it was loaded, note). qalora's loader first; for a checkpoint it cannot
+    read, transformers (which uses GPTQModel's kernels)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qalora_cli.models.quantized_io import load_quantized
+
+    if unquantized:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), "transformers", ""
+    try:
+        model, _ = load_quantized(folder, dtype=torch.float32)
+        return model, "qalora load_quantized", ""
+    except Exception as e:  # noqa: BLE001 - any failure: say so, then try the peer loader
+        note = f"load_quantized failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"  {folder.name}: {note}; trying transformers", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
+    return model, "transformers from_pretrained", note
+
+
+def eval_perplexity(folder: Path, ids, args, unquantized: bool = False) -> dict:
+    from qalora_cli.eval.perplexity import perplexity
+
+    t0 = time.perf_counter()
+    try:
+        model, loader, note = load_for_eval(folder, unquantized)
+        ppl = perplexity(model, ids, seq_len=args.ppl_seq_len, max_tokens=args.ppl_tokens)
+    except Exception as e:  # noqa: BLE001 - a failed evaluation is a table entry, not a crash
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    del model
+    return {"ppl": ppl["ppl"], "tokens": ppl["tokens"], "loader": loader, "note": note,
+            "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("torch", "transformers", "gptqmodel", "qalora", "optimum"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def markdown_table(runs: dict, ppl: dict) -> str:
+    rows = ["| tool | quantize s | total s | peak RSS MiB | perplexity |",
+            "|---|---:|---:|---:|---:|"]
+    for tool in TOOLS:
+        r, p = runs.get(tool, {}), ppl.get(tool, {})
+        ppl_cell = _fmt(p.get("ppl"), ".3f") if "ppl" in p else f"failed ({p.get('error', 'not run')})"
+        if p.get("note"):
+            ppl_cell += f" (via {p['loader']}; {p['note']})"
+        if "error" in r:
+            rows.append(f"| {tool} | failed | - | - | - |")
+            continue
+        rows.append(f"| {tool} | {_fmt(r['quantize_s'], '.1f')} | {_fmt(r['total_s'], '.1f')} | "
+                    f"{_fmt(r['peak_rss_mib'], '.0f')} | {ppl_cell} |")
+    base = ppl.get("unquantized", {})
+    rows.append(f"| unquantized | - | - | - | {_fmt(base.get('ppl'), '.3f')} |")
+    return "\n".join(rows)
+
+
+def ratios(runs: dict) -> dict:
+    q, g = runs.get("qalora", {}), runs.get("gptqmodel", {})
+    out = {}
+    for key in ("quantize_s", "total_s", "peak_rss_mib"):
+        if isinstance(q.get(key), (int, float)) and isinstance(g.get(key), (int, float)) and g[key] > 0:
+            out[key] = q[key] / g[key]
+    return out
+
+
+def print_report(report: dict) -> None:
+    s, m, v = report["settings"], report["machine"], report["versions"]
+    print()
+    depth = f"first {s['layers']} decoder layers" if s["layers"] else "all decoder layers"
+    print(f"## qalora vs GPTQModel: GPTQ quantize of SmolLM2-135M ({depth})")
+    print()
+    print(report["table"])
+    print()
+    r = report["ratios"]
+    if r:
+        labels = {"quantize_s": "quantize time", "total_s": "total time", "peak_rss_mib": "peak RSS"}
+        print("qalora / GPTQModel: " + ", ".join(f"{labels[k]} {v_:.2f}x" for k, v_ in r.items()))
+    print(f"calibration ids identical in both tools: {report['calibration_ids_identical']} "
+          f"({s['samples']} x {s['seq_len']} tokens, builtin, seed {s['seed']}, digest {report['calib_digest']})")
+    print(f"settings: bits {s['bits']}, group {s['group_size']}, sym False, desc_act/act_order False, "
+          f"damp {s['damp_percent']}, true_sequential True, batch {s['batch_size']}, dtype {s['dtype']}, "
+          f"GPTQModel act_group_aware False, offload_to_disk {s['gptqmodel_offload_to_disk']}")
+    shares = {t: report["runs"][t].get("other_cpu_share") for t in TOOLS}
+    print("CPU used by other processes during each run: " + ", ".join(
+        f"{t} {_fmt(100 * v, '.0f') if v is not None else '?'}%" for t, v in shares.items()))
+    if any(v is None or v > 0.05 for v in shares.values()):
+        print("WARNING: the machine was not idle (or could not be checked); the times are not a fair "
+              "comparison. Rerun on an otherwise idle machine.")
+    print("checkpoints: " + "; ".join(
+        f"{t} {_fmt(c['size_mib'], '.0f')} MiB (scales {'/'.join(c['scales'])}, "
+        f"unquantized tensors {'/'.join(c['unquantized'])})"
+        for t in TOOLS if (c := report["runs"][t].get("checkpoint"))))
+    print(f"perplexity: {report['ppl_tokens']} held-out tokens, window {report['ppl_seq_len']}, float32, "
+          f"both checkpoints read by qalora's load_quantized unless noted"
+          + (f" (a model cut to {s['layers']} layers: a plumbing check, not a quality number)"
+             if s["layers"] else ""))
+    print(f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable); "
+          f"threads per worker: {report['torch_threads']}")
+    print(f"date: {report['date']}; torch {v['torch']}, transformers {v['transformers']}, "
+          f"gptqmodel {v['gptqmodel']}, qalora {v['qalora']}")
+    print(f"command: {report['command']}")
+    if report["reused_quantized_runs"]:
+        print("(quantize times, memory and checkpoints reused from an earlier run in the same folder)")
+    print(f"JSON: {report['json']}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return 0
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+
+    hf_dir = prepare_model_folder(work, args.layers)
+    calib_file = calibration_path(work, args)
+    spec = make_spec(args, work, hf_dir, calib_file)
+    prepare_calibration(spec)
+    spec_path = work / "spec.json"
+    if args.reuse_quantized:
+        runs = reuse_runs(spec, spec_path, work)
+    else:
+        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+        runs = {tool: run_worker(tool, spec_path, work) for tool in TOOLS}  # one after the other
+
+    print("perplexity ...", flush=True)
+    ids = heldout_ids(hf_dir)
+    ppl = {"unquantized": eval_perplexity(hf_dir, ids, args, unquantized=True)}
+    for tool in TOOLS:
+        if "error" not in runs[tool]:
+            ppl[tool] = eval_perplexity(Path(runs[tool]["out_dir"]), ids, args)
+
+    digests = {runs[t].get("calib_digest") for t in TOOLS}
+    expected_digest = ids_digest(load_calibration(str(calib_file)))
+    report = {
+        "settings": {**{k: v for k, v in spec.items() if k not in ("work",)}, "layers": args.layers},
+        "runs": runs, "perplexity": ppl, "ratios": ratios(runs),
+        "calib_digest": expected_digest,
+        "calibration_ids_identical": (digests == {expected_digest}
+                                      and all(runs[t].get("calib_equal") for t in TOOLS)),
+        "ppl_tokens": args.ppl_tokens, "ppl_seq_len": args.ppl_seq_len,
+        "torch_threads": sorted({runs[t].get("torch_threads") for t in TOOLS} - {None}),
+        "machine": machine_info(), "versions": versions(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "reused_quantized_runs": args.reuse_quantized,
+        "command": command, "json": str(work / "results.json"),
+    }
+    report["table"] = markdown_table(runs, ppl)
+    (work / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print_report(report)
+    return 0 if all("error" not in runs[t] for t in TOOLS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
