@@ -29,7 +29,8 @@ Run (from the repository root, with the project's virtual environment):
 Results: a markdown table on stdout and `<work>/results.json`; worker logs in `<work>/log-*.txt`.
 Timings are only meaningful on an otherwise idle machine: the report measures how much CPU
 other processes took during each worker and warns when it is more than 5%. (On 2 cores, a
-second busy process slows torch's threaded ops far more than 2x, unevenly between tools.)
+second busy process slows torch's threaded ops far more than 2x, unevenly between tools;
+`--threads 1` limits that damage when the machine cannot be had to oneself.)
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded in, i.e. of the calibration forwards")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--threads", type=int,
+                   help="torch/OpenMP threads in each worker (default: torch's own, one per core); "
+                        "1 keeps a shared, busy machine from slowing threaded ops out of proportion")
     p.add_argument("--gptqmodel-offload-to-disk", action="store_true",
                    help="keep GPTQModel's default offload_to_disk=True (off by default: qalora keeps "
                         "the model in memory, so both do)")
@@ -103,7 +107,7 @@ def make_spec(args: argparse.Namespace, work: Path, hf_dir: Path, calib_file: Pa
         "bits": args.bits, "group_size": args.group_size, "sym": False, "act_order": False,
         "damp_percent": args.damp, "true_sequential": True, "batch_size": args.batch_size,
         "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "gptqmodel_offload_to_disk": args.gptqmodel_offload_to_disk,
+        "gptqmodel_offload_to_disk": args.gptqmodel_offload_to_disk, "threads": args.threads,
     }
 
 
@@ -363,6 +367,9 @@ def worker_main(args: argparse.Namespace) -> None:
     spec = json.loads(Path(args.spec).read_text())
     import torch
 
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+
     result = {"qalora": worker_qalora, "gptqmodel": worker_gptqmodel}[args.worker](spec)
     result.update(tool=args.worker, peak_rss_mib=peak_rss_mib(), torch_threads=torch.get_num_threads(),
                   checkpoint=checkpoint_facts(Path(result["out_dir"])))
@@ -421,7 +428,7 @@ def reuse_runs(spec: dict, spec_path: Path, work: Path) -> dict:
     return runs
 
 
-def run_worker(tool: str, spec_path: Path, work: Path) -> dict:
+def run_worker(tool: str, spec: dict, spec_path: Path, work: Path) -> dict:
     """Run one tool in a fresh interpreter; its output goes to <work>/log-<tool>.txt."""
     result_path, log_path = work / f"result-{tool}.json", work / f"log-{tool}.txt"
     result_path.unlink(missing_ok=True)
@@ -429,10 +436,13 @@ def run_worker(tool: str, spec_path: Path, work: Path) -> dict:
            "--spec", str(spec_path), "--result", str(result_path)]
     env = dict(os.environ)
     env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel's own thread pool on this 2-core box
+    if spec["threads"]:  # before the worker starts: OpenMP reads it once, at load
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     print(f"[{tool}] quantizing in a fresh process (log: {log_path}) ...", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "w") as log, OtherCpuLoad() as load:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        # cwd=work: GPTQModel writes per-run logs into ./logs, which must not land in the repo.
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work).returncode
     wall = time.perf_counter() - t0
     if rc != 0 or not result_path.is_file():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
@@ -576,7 +586,7 @@ def print_report(report: dict) -> None:
         f"{t} {_fmt(100 * v, '.0f') if v is not None else '?'}%" for t, v in shares.items()))
     if any(v is None or v > 0.05 for v in shares.values()):
         print("WARNING: the machine was not idle (or could not be checked); the times are not a fair "
-              "comparison. Rerun on an otherwise idle machine.")
+              "comparison. Rerun on an otherwise idle machine (or at least with --threads 1).")
     print("checkpoints: " + "; ".join(
         f"{t} {_fmt(c['size_mib'], '.0f')} MiB (scales {'/'.join(c['scales'])}, "
         f"unquantized tensors {'/'.join(c['unquantized'])})"
@@ -586,7 +596,9 @@ def print_report(report: dict) -> None:
           + (f" (a model cut to {s['layers']} layers: a plumbing check, not a quality number)"
              if s["layers"] else ""))
     print(f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable); "
-          f"threads per worker: {report['torch_threads']}")
+          f"torch threads per worker: {report['torch_threads']} "
+          f"({'--threads ' + str(s['threads']) if s['threads'] else 'torch default'}), "
+          f"GPTQMODEL_CPU_WORKERS={os.environ.get('GPTQMODEL_CPU_WORKERS')}")
     print(f"date: {report['date']}; torch {v['torch']}, transformers {v['transformers']}, "
           f"gptqmodel {v['gptqmodel']}, qalora {v['qalora']}")
     print(f"command: {report['command']}")
@@ -616,7 +628,7 @@ def main(argv=None) -> int:
         runs = reuse_runs(spec, spec_path, work)
     else:
         spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-        runs = {tool: run_worker(tool, spec_path, work) for tool in TOOLS}  # one after the other
+        runs = {tool: run_worker(tool, spec, spec_path, work) for tool in TOOLS}  # one after the other
 
     print("perplexity ...", flush=True)
     ids = heldout_ids(hf_dir)

@@ -6,6 +6,7 @@ The whole method is `gptq_quantize`; the Hessian is accumulated by `HessianAccum
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,22 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[tor
         damp = min(1.0, damp * 10)
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop is hundreds of tiny operations: on a CPU, threads only add spin-waits,
+    and with one core busy elsewhere they slow it ten-fold or more. The solve runs on one
+    thread; the forward passes around it keep them all."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -103,33 +120,35 @@ def gptq_quantize(
         W = W[:, perm]
         H = H[perm][:, perm]
     Hinv, damp_used = _inverse_hessian_cholesky(H, damp_percent)
+    perm_list = perm.tolist()  # read per column: no device sync inside the loop
 
     Q = torch.zeros_like(W)
     g_idx_perm = torch.zeros(in_f, dtype=torch.int32, device=W.device)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static_groups or group_size == -1:
-                j = int(perm[col]) // g
-            else:
-                j = col // g
-                if col % g == 0:
-                    scales[j], zeros[j] = fit_params(W1[:, i:i + g], bits, sym)
-            g_idx_perm[col] = j
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = dequantize(quantize_codes(w, scales[j], zeros[j], bits), scales[j], zeros[j])
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    with _one_cpu_thread(W.device):
+        for i1 in range(0, in_f, block_size):
+            i2 = min(i1 + block_size, in_f)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if static_groups or group_size == -1:
+                    j = perm_list[col] // g
+                else:
+                    j = col // g
+                    if col % g == 0:
+                        scales[j], zeros[j] = fit_params(W1[:, i:i + g], bits, sym)
+                g_idx_perm[col] = j
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                q = dequantize(quantize_codes(w, scales[j], zeros[j], bits), scales[j], zeros[j])
+                Q1[:, i] = q
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            Q[:, i1:i2] = Q1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
     Q = Q[:, invperm]
