@@ -115,3 +115,16 @@ def test_fractional_zeros_refuse_integer_layout():
     qw.zeros = qw.zeros + 0.25
     with pytest.raises(UserError, match="fractional"):
         to_gptq_tensors(qw, "L")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clip_search_never_worse_than_full_range(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 64, generator=g)
+    w[:, 3] *= 6  # outliers that a shrunk range may clip
+    def err(qw):
+        return ((qw.dequantize() - w).abs() ** 2.4).reshape(64, 2, 32).sum(-1)
+    plain, clipped = rtn_quantize(w, bits, 32), rtn_quantize(w, bits, 32, clip_search=True)
+    assert (err(clipped) <= err(plain) + 1e-6).all()  # per group: 1.0 is among the candidates
+    assert err(clipped).sum() < err(plain).sum()
+    assert clipped.zeros.min() >= 1

@@ -31,6 +31,7 @@ class QuantizeSection(Section):
     sym: bool = False
     act_order: bool = Field(False, description="GPTQ in decreasing Hessian-diagonal order; groups in g_idx")
     static_groups: bool = Field(False, description="with act_order: keep groups contiguous")
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its error")
     damp_percent: float = Field(0.01, gt=0, le=1)
     block_size: int = Field(128, ge=1)
     true_sequential: bool = Field(True, description="quantize q/k/v, o, gate/up, down in turn within a block")

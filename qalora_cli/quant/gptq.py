@@ -86,6 +86,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    clip_search: bool = False,
 ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize `weight` [out, in] given the input Hessian `H` [in, in].
 
@@ -112,7 +113,7 @@ def gptq_quantize(
     zeros = torch.zeros(n_groups, out_f, device=W.device)
     if static_groups or group_size == -1:
         for j in range(n_groups):
-            scales[j], zeros[j] = fit_params(W[:, j * g:(j + 1) * g], bits, sym)
+            scales[j], zeros[j] = fit_params(W[:, j * g:(j + 1) * g], bits, sym, clip_search)
 
     perm = torch.arange(in_f, device=W.device)
     if act_order:
@@ -138,7 +139,7 @@ def gptq_quantize(
                 else:
                     j = col // g
                     if col % g == 0:
-                        scales[j], zeros[j] = fit_params(W1[:, i:i + g], bits, sym)
+                        scales[j], zeros[j] = fit_params(W1[:, i:i + g], bits, sym, clip_search)
                 g_idx_perm[col] = j
                 w = W1[:, i]
                 d = Hinv1[i, i]

@@ -92,9 +92,9 @@ def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_earl
 
 def _quantize_layer(lin: nn.Linear, H: torch.Tensor, q: QuantizeSection) -> tuple[QuantizedWeight, float | None]:
     if q.method == "rtn":
-        return rtn_quantize(lin.weight.data.to(H.device), q.bits, q.group_size, q.sym), None
+        return rtn_quantize(lin.weight.data.to(H.device), q.bits, q.group_size, q.sym, q.clip_search), None
     qw, stats = gptq_quantize(lin.weight.data, H, q.bits, q.group_size, q.sym, q.damp_percent,
-                              q.block_size, q.act_order, q.static_groups)
+                              q.block_size, q.act_order, q.static_groups, q.clip_search)
     return qw, stats.damp_percent
 
 
