@@ -29,7 +29,8 @@ class QuantizeSection(Section):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(32, description="columns per group; -1 for one group per row (per-channel)")
     sym: bool = False
-    act_order: bool = Field(False, description="GPTQ in decreasing Hessian-diagonal order; groups in g_idx")
+    act_order: bool = Field(False, description="GPTQ in decreasing Hessian-diagonal order; groups in g_idx "
+                                              "(rtn ignores it)")
     static_groups: bool = Field(False, description="with act_order: keep groups contiguous")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its error")
     damp_percent: float = Field(0.01, gt=0, le=1)
@@ -49,8 +50,6 @@ class QuantizeSection(Section):
     def _static(self) -> "QuantizeSection":
         if self.static_groups and not self.act_order:
             raise ValueError("static_groups only applies with act_order: true")
-        if self.method == "rtn" and self.act_order:
-            raise ValueError("act_order applies to method gptq only")
         return self
 
 
