@@ -112,3 +112,18 @@ def test_loader_refuses_what_it_cannot_read(tiny_model_dir, tmp_path):
         load_quantized(tiny_model_dir)
     with pytest.raises(UserError, match="no config.json"):
         load_quantized(tmp_path)
+
+
+def test_non_finite_weights_stop_with_a_clear_error(tmp_path):
+    from conftest import make_tiny_llama, make_tokenizer
+    from qalora_cli.errors import UserError
+
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok))
+    model.model.layers[0].mlp.up_proj.weight.data[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = validate(tiny_config_dict(tmp_path / "m", tmp_path / "q"), "test")
+    with pytest.raises(UserError, match="model.layers.0.mlp.up_proj gave non-finite weights"):
+        run(cfg, show_progress=False)
+    assert not (tmp_path / "q").exists()

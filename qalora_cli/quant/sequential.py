@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config.schema import QuantizeSection
+from ..errors import UserError
 from ..models.blocks import (BlockInputs, _Stop, capture_block_inputs, decoder_blocks, linear_layers,
                              sequential_groups)
 from .gptq import HessianAccumulator, gptq_quantize, output_error
@@ -131,9 +132,12 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
                 w = lin.weight.data.float()
                 qw, damp = _quantize_layer(lin, H, q)
                 approx = qw.dequantize().to(H.device)
+                full = f"{prefix}.{i}.{name}"
+                if not torch.isfinite(approx).all():
+                    raise UserError(f"quantizing {full} gave non-finite weights: its calibration inputs "
+                                    f"overflow in {lin.weight.dtype}; use model.dtype=float32")
                 err = output_error(w, approx, H)
                 lin.weight.data.copy_(approx.to(lin.weight.dtype))
-                full = f"{prefix}.{i}.{name}"
                 results[full] = qw
                 reports.append(LayerReport(full, lin.in_features, lin.out_features, err, damp,
                                            time.perf_counter() - t0))
