@@ -31,35 +31,37 @@ Timings are only meaningful on an otherwise idle machine: the report measures ho
 other processes took during each worker and warns when it is more than 5%. (On 2 cores, a
 second busy process slows torch's threaded ops far more than 2x, unevenly between tools;
 `--threads 1` limits that damage when the machine cannot be had to oneself.)
+
+This file is the entry point (arguments, launching the workers, perplexity, the report); the
+workers are scripts/bench_quantize_workers.py, the shared inputs scripts/bench_quantize_inputs.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
 import time
+from importlib import metadata
+from pathlib import Path
 
-T_PROCESS = time.perf_counter()  # a worker's "total" starts here, before the heavy imports
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_quantize_inputs import (  # noqa: E402
+    ids_digest, load_calibration, make_spec, prepare_calibration, prepare_model_folder)
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from importlib import metadata  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-BUILTIN_CONFIG = "smollm2-135m-int4"
 TOOLS = ("qalora", "gptqmodel")
+WORKER_SCRIPT = Path(__file__).resolve().with_name("bench_quantize_workers.py")
 TINY = {"samples": 8, "seq_len": 64, "ppl_tokens": 2048, "layers": 4}
 FULL = {"samples": 128, "seq_len": 256, "ppl_tokens": 16384, "layers": 0}
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line and the settings both tools share
+# Command line
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,9 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse-quantized", action="store_true",
                    help="skip quantizing: reuse the checkpoints and timings of an earlier run with the "
                         "same settings in --work, and only redo the perplexities and the report")
-    p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)  # internal: run one tool
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     preset = TINY if args.tiny else FULL
     for key, value in preset.items():
@@ -100,281 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_spec(args: argparse.Namespace, work: Path, hf_dir: Path, calib_file: Path) -> dict:
-    """Everything a worker needs, as plain JSON: both workers read the same spec."""
-    return {
-        "hf_dir": str(hf_dir), "calib_file": str(calib_file), "work": str(work),
-        "bits": args.bits, "group_size": args.group_size, "sym": False, "act_order": False,
-        "damp_percent": args.damp, "true_sequential": True, "batch_size": args.batch_size,
-        "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "gptqmodel_offload_to_disk": args.gptqmodel_offload_to_disk, "threads": args.threads,
-    }
-
-
-def qalora_config(spec: dict, out_dir: Path | None = None):
-    """The built-in SmolLM2 config pointed at the HF folder, with the benchmark's settings.
-    Used by `prepare` (for the calibration section) and by the qalora worker alike."""
-    from qalora_cli.config.loader import load_config
-
-    overrides = [
-        f"model.name_or_path={spec['hf_dir']}", "model.package=null", "model.gguf_file=null",
-        f"model.dtype={spec['dtype']}",
-        "quantize.method=gptq", f"quantize.bits={spec['bits']}", f"quantize.group_size={spec['group_size']}",
-        f"quantize.sym={str(spec['sym']).lower()}", f"quantize.act_order={str(spec['act_order']).lower()}",
-        f"quantize.damp_percent={spec['damp_percent']}",
-        f"quantize.true_sequential={str(spec['true_sequential']).lower()}",
-        f"quantize.batch_size={spec['batch_size']}", "quantize.device=cpu",
-        "calibration.source=builtin", f"calibration.num_samples={spec['samples']}",
-        f"calibration.seq_len={spec['seq_len']}", f"calibration.seed={spec['seed']}",
-        f"output.dir={out_dir or Path(spec['work']) / 'q-qalora'}", "output.overwrite=true",
-    ]
-    return load_config(BUILTIN_CONFIG, overrides)
-
-
 # ---------------------------------------------------------------------------------------------
-# Preparation (once, cached in --work): the HF folder and the calibration ids
+# Launching the workers (scripts/bench_quantize_workers.py), one tool per fresh process
 # ---------------------------------------------------------------------------------------------
-
-def prepare_model_folder(work: Path, layers: int) -> Path:
-    """SmolLM2 from the embedded GGUF, saved as a float32 HF folder (safetensors + tokenizer).
-    With `layers` > 0 only the first `layers` decoder blocks are kept (smoke tests)."""
-    hf_dir = work / (f"hf-smollm2-135m-{layers}L" if layers else "hf-smollm2-135m")
-    if (hf_dir / "config.json").is_file():
-        return hf_dir
-    from qalora_cli.config.loader import load_config
-    from qalora_cli.models.blocks import decoder_blocks
-    from qalora_cli.models.loading import load_model
-
-    print(f"preparing {hf_dir} from the embedded GGUF ...", flush=True)
-    cfg = load_config(BUILTIN_CONFIG, ["model.dtype=float32"])
-    model, tokenizer, _ = load_model(cfg.model)
-    if layers:
-        prefix, blocks = decoder_blocks(model)
-        parent, _, attr = prefix.rpartition(".")
-        setattr(model.get_submodule(parent), attr, blocks[:layers])
-        model.config.num_hidden_layers = layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:layers]
-    # Write to a temporary folder and rename, so an interrupted run leaves no half cache.
-    tmp = hf_dir.with_name(hf_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(hf_dir)
-    return hf_dir
-
-
-def calibration_path(work: Path, args: argparse.Namespace) -> Path:
-    return work / f"calib-builtin-n{args.samples}-len{args.seq_len}-seed{args.seed}.safetensors"
-
-
-def prepare_calibration(spec: dict) -> None:
-    """qalora's builtin calibration ids, drawn with the HF folder's tokenizer (the one both
-    tools load), saved as safetensors at spec["calib_file"]."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    from qalora_cli.data.calibration import calibration_batches
-
-    if Path(spec["calib_file"]).is_file():
-        return
-    cfg = qalora_config(spec)
-    tokenizer = AutoTokenizer.from_pretrained(spec["hf_dir"])
-    ids = calibration_batches(cfg.calibration, tokenizer)
-    save_file({"input_ids": ids.contiguous()}, spec["calib_file"])
-
-
-def load_calibration(path: str):
-    from safetensors.torch import load_file
-
-    return load_file(path)["input_ids"]
-
-
-def ids_digest(ids) -> str:
-    import torch
-
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Workers: one tool per fresh process
-# ---------------------------------------------------------------------------------------------
-
-def peak_rss_mib() -> float:
-    """High-water resident memory of this process."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-class Stopwatch:
-    """Accumulated seconds of one or more calls, wrapped around a function."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def wrap(self, fn):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.seconds += time.perf_counter() - t0
-        return timed
-
-
-def worker_qalora(spec: dict) -> dict:
-    """qalora's real `recipes.quantize.run`, with three of its module-level helpers wrapped
-    (not replaced) to time the quantize step and to capture the calibration ids it draws."""
-    import torch
-
-    import qalora_cli.recipes.quantize as recipe
-
-    expected = load_calibration(spec["calib_file"])
-    out_dir = Path(spec["work"]) / "q-qalora"
-    cfg = qalora_config(spec, out_dir)
-    captured = {}
-
-    def capture_calibration(c, tokenizer, _orig=recipe.calibration_batches):
-        captured["ids"] = _orig(c, tokenizer)
-        return captured["ids"]
-
-    # The quantize step = calibration forwards + GPTQ (quantize_model) + packing into
-    # QuantLinear layers (install_quant_linears): what GPTQModel's `quantize()` also does.
-    gptq_time, pack_time = Stopwatch(), Stopwatch()
-    recipe.calibration_batches = capture_calibration
-    recipe.quantize_model = gptq_time.wrap(recipe.quantize_model)
-    recipe.install_quant_linears = pack_time.wrap(recipe.install_quant_linears)
-
-    t0 = time.perf_counter()
-    report = recipe.run(cfg, show_progress=False)
-    t_end = time.perf_counter()
-    ids = captured["ids"]
-    return {
-        "quantize_s": gptq_time.seconds + pack_time.seconds,
-        "phases_s": {"gptq": gptq_time.seconds, "pack": pack_time.seconds, "run_total": t_end - t0,
-                     "imports": t0 - T_PROCESS, "qalora_report": report["seconds"]},
-        "total_s": t_end - T_PROCESS,
-        "calib_digest": ids_digest(ids),
-        "calib_equal": bool(ids.shape == expected.shape and torch.equal(ids, expected)),
-        "calib_batches": [len(b) for b in ids.split(spec["batch_size"])],
-        "settings": {"quantize": cfg.quantize.model_dump(), "model_dtype": cfg.model.dtype,
-                     "output_dtype": cfg.output.dtype},
-        "out_dir": str(out_dir),
-    }
-
-
-def gptqmodel_quantize_config(spec: dict):
-    from gptqmodel import QuantizeConfig
-
-    return QuantizeConfig(
-        method="gptq", format="gptq",  # GPTQ v1 checkpoint: qzeros stored as z - 1
-        bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
-        desc_act=spec["act_order"],
-        # GPTQModel 7.6 turns on group-aware activation reordering (GAR) for GPTQ by default;
-        # qalora has no such step, so it is switched off to run the same algorithm.
-        act_group_aware=False,
-        static_groups=False, damp_percent=spec["damp_percent"], true_sequential=spec["true_sequential"],
-        mse=0.0,  # plain min/max grid, as qalora
-        # Default: RTN for modules that see < 0.5% of the calibration tokens (MoE); a dense
-        # model never triggers it, but None makes "GPTQ everywhere" explicit.
-        fallback=None,
-        lm_head=False, device="cpu",
-        # Default True: finished layers are written to a temp dir to save RAM. qalora keeps
-        # the model in memory, so by default GPTQModel does too.
-        offload_to_disk=spec["gptqmodel_offload_to_disk"],
-    )
-
-
-def worker_gptqmodel(spec: dict) -> dict:
-    import torch
-    from gptqmodel import GPTQModel
-
-    ids = load_calibration(spec["calib_file"])
-    out_dir = Path(spec["work"]) / "q-gptqmodel"
-    qcfg = gptqmodel_quantize_config(spec)
-    t0 = time.perf_counter()
-    # No device= here: GPTQModel refuses it when QuantizeConfig.device is set (it always loads
-    # the float model on CPU). dtype must be given: "auto" may pick bfloat16 on CPU.
-    model = GPTQModel.load(spec["hf_dir"], qcfg, dtype=getattr(torch, spec["dtype"]))
-    t_loaded = time.perf_counter()
-
-    # Capture what GPTQModel actually batches, to check that it quantizes exactly our ids.
-    seen = {}
-    orig_prepare = model.prepare_dataset
-
-    def capture_prepare(*a, **kw):
-        seen["batches"] = orig_prepare(*a, **kw)
-        return seen["batches"]
-
-    model.prepare_dataset = capture_prepare
-    calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
-    t_q0 = time.perf_counter()
-    # calibration_sort=None keeps our order (the default "desc" sorts by length; all are equal).
-    model.quantize(calibration, batch_size=spec["batch_size"], calibration_sort=None)
-    t_q1 = time.perf_counter()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    model.save(str(out_dir))
-    t_end = time.perf_counter()
-
-    batches = seen.get("batches") or []
-    fed = torch.cat([b["input_ids"] for b in batches]) if batches else torch.empty(0, dtype=torch.long)
-    masks_all_one = all(bool(b["attention_mask"].all()) for b in batches if "attention_mask" in b)
-    return {
-        "quantize_s": t_q1 - t_q0,
-        "phases_s": {"imports": t0 - T_PROCESS, "load": t_loaded - t0, "save": t_end - t_q1},
-        "total_s": t_end - T_PROCESS,
-        "calib_digest": ids_digest(fed) if fed.numel() else None,
-        "calib_equal": bool(fed.shape == ids.shape and torch.equal(fed, ids) and masks_all_one),
-        "calib_batches": [len(b["input_ids"]) for b in batches],
-        "settings": {"quantize_config": _jsonable(qcfg.to_dict()), "model_dtype": str(model.model.dtype),
-                     "support_batch_quantize": bool(getattr(model, "support_batch_quantize", True))},
-        "out_dir": str(out_dir),
-    }
-
-
-def checkpoint_facts(folder: Path) -> dict:
-    """Size and tensor dtypes of a saved checkpoint: the tools need not store the unquantized
-    tensors (embeddings, norms) alike, which shows in size and slightly in perplexity."""
-    from safetensors import safe_open
-
-    dtypes: dict[str, set] = {"scales": set(), "unquantized": set()}
-    files = sorted(folder.glob("*.safetensors"))
-    for f in files:
-        with safe_open(f, "pt") as sf:
-            for key in sf.keys():
-                kind = key.rsplit(".", 1)[-1]
-                if kind == "scales":
-                    dtypes["scales"].add(sf.get_slice(key).get_dtype())
-                elif kind not in ("qweight", "qzeros", "g_idx"):
-                    dtypes["unquantized"].add(sf.get_slice(key).get_dtype())
-    return {"size_mib": sum(f.stat().st_size for f in files) / 2**20,
-            **{k: sorted(v) for k, v in dtypes.items()}}
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=str))
-
-
-def worker_main(args: argparse.Namespace) -> None:
-    spec = json.loads(Path(args.spec).read_text())
-    import torch
-
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-
-    result = {"qalora": worker_qalora, "gptqmodel": worker_gptqmodel}[args.worker](spec)
-    result.update(tool=args.worker, peak_rss_mib=peak_rss_mib(), torch_threads=torch.get_num_threads(),
-                  checkpoint=checkpoint_facts(Path(result["out_dir"])))
-    Path(args.result).write_text(json.dumps(result, indent=2, default=str) + "\n")
-
 
 class OtherCpuLoad:
     """Share of the machine's CPU time used by processes other than our workers while they
@@ -432,10 +159,8 @@ def run_worker(tool: str, spec: dict, spec_path: Path, work: Path) -> dict:
     """Run one tool in a fresh interpreter; its output goes to <work>/log-<tool>.txt."""
     result_path, log_path = work / f"result-{tool}.json", work / f"log-{tool}.txt"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool,
-           "--spec", str(spec_path), "--result", str(result_path)]
-    env = dict(os.environ)
-    env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel's own thread pool on this 2-core box
+    cmd = [sys.executable, str(WORKER_SCRIPT), tool, str(spec_path), str(result_path)]
+    env = dict(os.environ)  # with GPTQMODEL_CPU_WORKERS, which main() defaults to 2
     if spec["threads"]:  # before the worker starts: OpenMP reads it once, at load
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     print(f"[{tool}] quantizing in a fresh process (log: {log_path}) ...", flush=True)
@@ -459,6 +184,11 @@ def run_worker(tool: str, spec: dict, spec_path: Path, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Perplexity (parent process)
 # ---------------------------------------------------------------------------------------------
+
+def describe(e: Exception) -> str:
+    """An exception's type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
 
 def heldout_ids(hf_dir: Path):
     from transformers import AutoTokenizer
@@ -485,7 +215,7 @@ def load_for_eval(folder: Path, unquantized: bool = False):
         model, _ = load_quantized(folder, dtype=torch.float32)
         return model, "qalora load_quantized", ""
     except Exception as e:  # noqa: BLE001 - any failure: say so, then try the peer loader
-        note = f"load_quantized failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        note = f"load_quantized failed: {describe(e)}"
         print(f"  {folder.name}: {note}; trying transformers", flush=True)
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
     return model, "transformers from_pretrained", note
@@ -499,8 +229,7 @@ def eval_perplexity(folder: Path, ids, args, unquantized: bool = False) -> dict:
         model, loader, note = load_for_eval(folder, unquantized)
         ppl = perplexity(model, ids, seq_len=args.ppl_seq_len, max_tokens=args.ppl_tokens)
     except Exception as e:  # noqa: BLE001 - a failed evaluation is a table entry, not a crash
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    del model
+        return {"error": describe(e)}
     return {"ppl": ppl["ppl"], "tokens": ppl["tokens"], "loader": loader, "note": note,
             "seconds": time.perf_counter() - t0}
 
@@ -611,17 +340,13 @@ def print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        worker_main(args)
-        return 0
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel's own thread pool on this 2-core box
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
 
     hf_dir = prepare_model_folder(work, args.layers)
-    calib_file = calibration_path(work, args)
-    spec = make_spec(args, work, hf_dir, calib_file)
+    spec = make_spec(args, work, hf_dir)
     prepare_calibration(spec)
     spec_path = work / "spec.json"
     if args.reuse_quantized:
@@ -638,9 +363,9 @@ def main(argv=None) -> int:
             ppl[tool] = eval_perplexity(Path(runs[tool]["out_dir"]), ids, args)
 
     digests = {runs[t].get("calib_digest") for t in TOOLS}
-    expected_digest = ids_digest(load_calibration(str(calib_file)))
+    expected_digest = ids_digest(load_calibration(spec["calib_file"]))
     report = {
-        "settings": {**{k: v for k, v in spec.items() if k not in ("work",)}, "layers": args.layers},
+        "settings": {**{k: v for k, v in spec.items() if k != "work"}, "layers": args.layers},
         "runs": runs, "perplexity": ppl, "ratios": ratios(runs),
         "calib_digest": expected_digest,
         "calibration_ids_identical": (digests == {expected_digest}
