@@ -20,7 +20,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise UserError(f"could not find the {n} decoder blocks of {type(model).__name__}")
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early once the wanted inputs are captured."""
 
 
@@ -40,14 +40,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.hidden.append(hidden)
         captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")})
-        raise _Stop
+        raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for ids in batches:
             try:
                 model(input_ids=ids, use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()

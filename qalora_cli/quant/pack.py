@@ -15,7 +15,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 _MASK32 = 0xFFFFFFFF
 
 
-def _check(bits: int, n: int, what: str) -> None:
+def check_packable(bits: int, n: int, what: str) -> None:
     if bits not in SUPPORTED_BITS:
         raise UserError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if n % 32:
@@ -25,7 +25,7 @@ def _check(bits: int, n: int, what: str) -> None:
 def pack_rows(codes: torch.Tensor, bits: int, what: str = "the packed dimension") -> torch.Tensor:
     """[n, m] integer codes -> int32 [n * bits / 32, m], packing along dim 0."""
     n, m = codes.shape
-    _check(bits, n, what)
+    check_packable(bits, n, what)
     c = codes.to(torch.int64).reshape(n // 32, 32, m)
     words = torch.zeros(n // 32, bits, m, dtype=torch.int64, device=codes.device)
     for k in range(32):
@@ -40,7 +40,7 @@ def pack_rows(codes: torch.Tensor, bits: int, what: str = "the packed dimension"
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """int32 [n * bits / 32, m] -> int32 codes [n, m]."""
-    _check(bits, n, "the unpacked dimension")
+    check_packable(bits, n, "the unpacked dimension")
     m = packed.shape[1]
     if packed.shape[0] * 32 != n * bits:
         raise UserError(f"a packed tensor of {packed.shape[0]} rows cannot hold {n} values of {bits} bits")

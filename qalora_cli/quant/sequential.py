@@ -14,11 +14,11 @@ from torch import nn
 
 from ..config.schema import QuantizeSection
 from ..errors import UserError
-from ..models.blocks import (BlockInputs, _Stop, capture_block_inputs, decoder_blocks, linear_layers,
+from ..models.blocks import (BlockInputs, StopForward, capture_block_inputs, decoder_blocks, linear_layers,
                              sequential_groups)
 from .gptq import HessianAccumulator, gptq_quantize, output_error
 from .groups import check_group_size
-from .pack import _check as check_packable
+from .pack import check_packable
 from .result import QuantizedWeight
 from .rtn import rtn_quantize
 
@@ -73,7 +73,7 @@ def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_earl
             accs[name] = acc
             fired.add(name)
             if stop_early and fired.issuperset(names):
-                raise _Stop
+                raise StopForward
         return f
 
     handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
@@ -83,7 +83,7 @@ def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_earl
             fired.clear()
             try:
                 block(hidden, **kw)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for h in handles:
