@@ -46,6 +46,8 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
         "sym": q.sym,
         "act_order": q.act_order and q.method == "gptq",
         "static_groups": q.static_groups and q.method == "gptq",
+        "clip_search": q.clip_search,
+        "damp_percent": q.damp_percent,
         "device": str(device),
         "calibration": {"source": describe(cfg.calibration), "num_samples": cfg.calibration.num_samples,
                         "seq_len": cfg.calibration.seq_len, "seed": cfg.calibration.seed},
