@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.gptq_format import from_gptq_tensors, to_gptq_tensors
+from ..quant.gptq_format import decode_qzeros, from_gptq_tensors, to_gptq_tensors
 from ..quant.groups import num_groups
-from ..quant.grid import max_code
-from ..quant.pack import pack_rows, unpack_cols, unpack_rows
+from ..quant.pack import pack_rows, unpack_rows
 from ..quant.result import QuantizedWeight
 from .base import BackendSupport
 
@@ -50,10 +49,12 @@ class TorchQuantLinear(nn.Module):
                        zero_kind: str = "int", dtype: torch.dtype = torch.float16) -> "TorchQuantLinear":
         out_f, in_f = qw.codes.shape
         m = cls(in_f, out_f, qw.bits, qw.group_size, bias is not None, zero_kind, dtype)
-        m.qweight.copy_(pack_rows(qw.codes.t(), qw.bits, "the input width"))
         if zero_kind == "int":
-            m.qzeros.copy_(to_gptq_tensors(qw)["qzeros"])
+            packed = to_gptq_tensors(qw)
+            m.qweight.copy_(packed["qweight"])
+            m.qzeros.copy_(packed["qzeros"])
         else:
+            m.qweight.copy_(pack_rows(qw.codes.t(), qw.bits, "the input width"))
             m.zeros.copy_(qw.zeros)
         m.scales.copy_(qw.scales.to(dtype))
         m.g_idx.copy_(qw.g_idx)
@@ -72,8 +73,7 @@ class TorchQuantLinear(nn.Module):
     def _zeros(self) -> torch.Tensor:
         if self.zero_kind == "float":
             return self.zeros.float()
-        stored = unpack_cols(self.qzeros, self.bits, self.out_features)
-        return ((stored + 1) & max_code(self.bits)).float()  # v1 stores z - 1
+        return decode_qzeros(self.qzeros, self.bits, self.out_features)
 
     def _weight_in_out(self, dtype: torch.dtype) -> torch.Tensor:
         """W~ transposed, [in, out], computed in float32: the layout the codes are packed in,

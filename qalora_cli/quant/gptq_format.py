@@ -35,7 +35,12 @@ def from_gptq_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) ->
     in_f = t["g_idx"].shape[0]
     out_f = t["scales"].shape[1]
     codes = unpack_rows(t["qweight"], bits, in_f).t().contiguous()
-    stored = unpack_cols(t["qzeros"], bits, out_f)
-    zeros = ((stored.to(torch.int64) + 1) & max_code(bits)).float()
+    zeros = decode_qzeros(t["qzeros"], bits, out_f)
     return QuantizedWeight(codes=codes, scales=t["scales"].float(), zeros=zeros,
                            g_idx=t["g_idx"].to(torch.int32), bits=bits, group_size=group_size)
+
+
+def decode_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Packed v1 `qzeros` -> float zero points [groups, out] (v1 stores z - 1)."""
+    stored = unpack_cols(qzeros, bits, out_features)
+    return ((stored + 1) & max_code(bits)).float()
