@@ -31,10 +31,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import config_cmd, quantize_cmd  # noqa: E402  (they register themselves on `app`)
+from . import adapter_cmd, config_cmd, finetune_cmd, quantize_cmd  # noqa: E402
 
 app.add_typer(config_cmd.config_app, name="config")
+app.add_typer(adapter_cmd.adapter_app, name="adapter")
 app.command("quantize")(quantize_cmd.quantize)
+app.command("finetune")(finetune_cmd.finetune)
 
 
 def main() -> None:

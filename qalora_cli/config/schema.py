@@ -1,6 +1,7 @@
 """The typed run config. Every key is validated; unknown keys are rejected.
 
-Sections: model, quantize, calibration, output. Later stages add theirs beside these.
+Sections: model, quantize, calibration, output (the quantize stage); lora, data, train (the
+finetune stage). Later stages add theirs beside these.
 """
 
 from __future__ import annotations
@@ -80,8 +81,87 @@ class OutputSection(Section):
     overwrite: bool = False
 
 
+class LoraSection(Section):
+    """QA-LoRA adapters. Defaults follow the paper and its code: rank 64, alpha 16."""
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(16, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="'all-linear' (every quantized linear of the decoder blocks, as the paper) "
+                                  "or module names, e.g. [q_proj, v_proj]")
+    group_size: int | None = Field(None, description="pooling group size; it must equal the checkpoint's "
+                                                     "(default: the checkpoint's)")
+
+
+class DataSection(Section):
+    """Instruction data for fine-tuning, through `datasets`."""
+    source: str = Field("builtin", description="'builtin' (the embedded record-extraction task), a local "
+                                               ".json/.jsonl/.csv/.parquet file or folder, or a hub dataset id")
+    hub_config: str | None = Field(None, description="the hub dataset's configuration name")
+    split: str = "train"
+    eval_split: str | None = Field(None, description="the source's split for evaluation; when unset, "
+                                                     "eval_fraction of the training split is held out")
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    eval_max_examples: int = Field(200, ge=1)
+    format: Literal["auto", "alpaca", "prompt_completion", "inputs_targets", "chat"] = Field(
+        "auto", description="alpaca: instruction/input/output; prompt_completion: prompt/completion; "
+                            "inputs_targets: FLAN's inputs/targets; chat: messages; auto: from the columns")
+    template: Literal["auto", "alpaca", "chat", "raw"] = Field(
+        "auto", description="how a record becomes text: the Alpaca prompt, the tokenizer's chat template, or "
+                            "raw concatenation; auto: alpaca for alpaca records, chat for messages, else raw")
+    max_length: int = Field(512, ge=8, description="tokens per example (prompt + response)")
+    overlong: Literal["truncate", "skip"] = Field("truncate", description="what to do with longer examples")
+    packing: bool = Field(False, description="concatenate examples into max_length sequences")
+    max_examples: int | None = Field(None, ge=1, description="use at most this many training records")
+    seed: int = 0
+    builtin_size: int = Field(2400, ge=20, description="records the embedded generator makes")
+
+
+class TrainSection(Section):
+    """The fine-tuning loop. Batch 16 (through accumulation) and max grad norm 0.3 follow the paper.
+    Learning rate 2e-4 follows the paper's code and QLoRA (the paper's text says 2e-5, which with
+    scaling alpha/rank = 0.25 barely moves the adapters in a short run; docs/BENCHMARKS.md)."""
+    quantized_model: str | None = Field(None, description="the quantized checkpoint to train on "
+                                                          "(default: output.dir, the quantize stage's output)")
+    adapter_dir: str | None = Field(None, description="where the adapter goes (default: output.dir + '-qalora')")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="auto: bf16 where the device supports it, else no")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward pass on each process")
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step, over accumulation and processes")
+    learning_rate: float = Field(2e-4, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(200, ge=1)
+    max_grad_norm: float = Field(0.3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
+        "auto", description="auto: paged_adamw_32bit on CUDA with bitsandbytes (as QLoRA and the paper's code), "
+                            "else torch AdamW")
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=1, description="held-out loss every N steps")
+    save_every: int = Field(50, ge=1, description="a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+    exact_match_examples: int = Field(64, ge=0, description="held-out examples answered greedily before and "
+                                                            "after training (exact-match accuracy); 0: skip")
+    max_new_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _batch(self) -> "TrainSection":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
+
+
 class RunConfig(Section):
     model: ModelSection
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     output: OutputSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)

@@ -24,6 +24,21 @@ SUPPORT = BackendSupport(
 )
 
 
+class _DequantMatmul(torch.autograd.Function):
+    """y = x W~ with dx = dy W~^T, where W~ is rebuilt from the packed codes in the backward
+    pass instead of being saved: autograd would otherwise keep every layer's dequantized
+    weight alive until the backward pass, a full-precision copy of the model."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "TorchQuantLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return torch.matmul(x, layer._weight_in_out(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return torch.matmul(dy, ctx.layer._weight_in_out(dy.dtype).t()), None
+
+
 class TorchQuantLinear(nn.Module):
     support = SUPPORT
 
@@ -94,8 +109,12 @@ class TorchQuantLinear(nn.Module):
         return self._weight_in_out(dtype or self.scales.dtype).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self._weight_in_out(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        # Under autocast, compute in the autocast dtype, as nn.Linear would.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = _DequantMatmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad \
+            else torch.matmul(x, self._weight_in_out(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

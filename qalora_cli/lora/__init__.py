@@ -1,0 +1,1 @@
+"""QA-LoRA: group pooling, the adapter layer, injection, adapter files."""

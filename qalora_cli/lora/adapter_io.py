@@ -1,0 +1,140 @@
+"""Adapter files: `adapter_model.safetensors` (each target's lora_A [r, groups] and lora_B
+[out, r], float32) and `adapter_config.json` (rank, alpha, group size, targets, and the base
+checkpoint's identity, quantization and SHA-256, so that a merge onto another base is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config.schema import LoraSection
+from ..errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "qalora-adapter"
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise UserError(f"'{path}' holds no safetensors weights (model.safetensors or an index)")
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 over the checkpoint's weight files (names and bytes): the base's identity."""
+    h = hashlib.sha256()
+    for f in weight_files(path):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def make_adapter_config(lora: LoraSection, adapters: dict[str, nn.Module], quantization: dict,
+                        base_path: str | Path, base_sha256: str, base_model: str) -> dict:
+    first = next(iter(adapters.values()))
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "scaling": lora.alpha / lora.rank,
+        "dropout": lora.dropout,
+        "group_size": first.base.group_size,
+        "pooling": "mean over the columns of each quantization group, by g_idx",
+        "targets": list(adapters),
+        "base": {
+            "path": str(base_path),
+            "model": base_model,
+            "sha256": base_sha256,
+            "bits": quantization.get("bits"),
+            "group_size": quantization.get("group_size"),
+            "desc_act": quantization.get("desc_act"),
+            "sym": quantization.get("sym"),
+        },
+    }
+
+
+def adapter_state(adapters: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, m in adapters.items():
+        state[f"{name}.lora_A"] = m.lora_A.detach().float().cpu().contiguous()
+        state[f"{name}.lora_B"] = m.lora_B.detach().float().cpu().contiguous()
+    return state
+
+
+def save_adapter(folder: Path, adapters: dict[str, nn.Module], config: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(adapters), folder / ADAPTER_WEIGHTS, metadata={"format": FORMAT})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise UserError(f"'{folder}' is not a qalora adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"'{cfg_path}' is not valid JSON: {e}") from None
+    if config.get("format") != FORMAT:
+        hint = " (a PEFT adapter: import it with `qalora adapter import-peft`)" if "peft_type" in config else ""
+        raise UserError(f"'{folder}' is not a qalora adapter{hint}")
+    try:
+        tensors = load_file(w_path)
+    except Exception as e:
+        raise UserError(f"'{w_path}': corrupt adapter weights: {str(e).splitlines()[0]}") from e
+    for name in config["targets"]:
+        if f"{name}.lora_A" not in tensors or f"{name}.lora_B" not in tensors:
+            raise UserError(f"'{folder}': the weights lack the adapter of {name}")
+    return config, tensors
+
+
+def check_base(config: dict, base_path: str | Path, base_sha256: str | None = None) -> None:
+    """Refuse an adapter trained on another base checkpoint."""
+    want = config["base"]["sha256"]
+    have = base_sha256 or checkpoint_sha256(base_path)
+    if want != have:
+        raise UserError(f"the adapter was trained on another base (sha256 {want[:12]}..., from "
+                        f"'{config['base']['path']}'), not on '{base_path}' (sha256 {have[:12]}...)")
+
+
+def attach_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Wrap the adapter's target layers of `model` and load A and B (dropout off)."""
+    from .inject import inject_qalora, quantized_linears
+
+    layers = quantized_linears(model)
+    missing = [t for t in config["targets"] if t not in layers]
+    if missing:
+        raise UserError(f"the adapter targets {missing[0]}, which the model does not have as a quantized layer")
+    for t in config["targets"]:
+        a, b = tensors[f"{t}.lora_A"], tensors[f"{t}.lora_B"]
+        layer = layers[t]
+        if a.shape != (config["rank"], layer.scales.shape[0]) or b.shape != (layer.out_features, config["rank"]):
+            raise UserError(f"adapter of {t}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit rank "
+                            f"{config['rank']} and the layer's {layer.scales.shape[0]} groups x "
+                            f"{layer.out_features} outputs (group size {layer.group_size} in the model, "
+                            f"{config['group_size']} in the adapter)")
+    lora = LoraSection(rank=config["rank"], alpha=config["alpha"], dropout=0.0, targets=config["targets"])
+    adapters = inject_qalora(model, lora)
+    with torch.no_grad():
+        for t, m in adapters.items():
+            m.lora_A.copy_(tensors[f"{t}.lora_A"])
+            m.lora_B.copy_(tensors[f"{t}.lora_B"])
+    return adapters

@@ -1,0 +1,1 @@
+"""The fine-tuning loop and what it needs: optimizer, schedule, checkpoints, loss."""

@@ -1,0 +1,168 @@
+"""The fine-tuning loop, top to bottom: for each step, run the step's micro-batches (this
+process's share), all-reduce, clip, step, schedule; evaluate, log and checkpoint every N steps.
+Interrupts (Ctrl-C) finish the current step, save, and return; a non-finite loss stops the run
+before the optimizer can apply it, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config.schema import TrainSection
+from ..data.instruct import Example, collate
+from ..errors import UserError
+from .batches import epoch_of, micro_batches_for
+from .checkpoint import rng_state, save_checkpoint
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, set up by recipes/finetune."""
+    accelerator: object
+    loss_model: torch.nn.Module          # ResponseLoss, wrapped by accelerate (DDP when distributed)
+    adapter_tensors: callable            # -> {name.lora_A|B: tensor} for checkpoints
+    params: list[torch.nn.Parameter]
+    optimizer: object
+    scheduler: object
+    train: list[Example]
+    eval: list[Example]
+    t: TrainSection
+    run_dir: Path
+    pad_id: int
+    info: dict                           # what a checkpoint must record to be resumed safely
+    start_step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag; the loop saves after the current step. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(run: Run) -> float:
+    """Token-weighted loss on the held-out examples, shared across processes."""
+    acc = run.accelerator
+    model = run.loss_model
+    model.eval()
+    total, tokens = 0.0, 0
+    mine = run.eval[acc.process_index::acc.num_processes]
+    size = 2 * run.t.micro_batch_size
+    with torch.no_grad():
+        for i in range(0, len(mine), size):
+            batch = collate(mine[i:i + size], run.pad_id)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            with acc.autocast():
+                total += float(model(**{k: v.to(acc.device) for k, v in batch.items()}, denominator=1.0))
+            tokens += n
+    total, tokens = _all_sum([total, tokens], acc.device)
+    model.train()
+    return total / max(tokens, 1)
+
+
+def train_loop(run: Run, progress) -> dict:
+    acc, t = run.accelerator, run.t
+    world, rank = acc.num_processes, acc.process_index
+    lengths = [len(e.input_ids) for e in run.train]
+    log_path = run.run_dir / "metrics.jsonl"
+    last_saved = run.start_step
+    started, tokens_seen = time.perf_counter(), 0
+    run.loss_model.train()
+    step = run.start_step
+    with _Interrupt() as interrupt:
+        while step < t.max_steps:
+            # 1. This process's micro-batches; the step's response-token count over all processes
+            micro = [collate([run.train[i] for i in mb], run.pad_id)
+                     for mb in micro_batches_for(step, lengths, t.batch_size, t.micro_batch_size, t.seed, rank, world)]
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            (step_tokens,) = _all_sum([local_tokens], acc.device)
+            # DDP averages gradients over processes; scale so the result is the per-token mean.
+            denominator = max(step_tokens, 1.0) / world
+
+            # 2. Forward and backward, gradients synchronized only on the last micro-batch
+            loss_sum = 0.0
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                sync = i == len(micro) - 1
+                with (nullcontext() if sync else acc.no_sync(run.loss_model)), acc.autocast():
+                    loss = run.loss_model(**batch, denominator=denominator)
+                    acc.backward(loss)
+                loss_sum += float(loss.detach()) * denominator
+                tokens_seen += int(batch["attention_mask"].sum())
+            (global_loss_sum,) = _all_sum([loss_sum], acc.device)
+            step_loss = global_loss_sum / max(step_tokens, 1.0)
+            if not torch.isfinite(torch.tensor(step_loss)):
+                acc.wait_for_everyone()
+                kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+                raise UserError(f"the loss became {step_loss} at step {step + 1}; the update was not applied and "
+                                f"{kept} in '{run.run_dir}'; lower train.learning_rate or train.max_grad_norm")
+
+            # 3. Clip, update, schedule
+            grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm))
+            lr = run.scheduler.get_last_lr()[0]
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # 4. Log, evaluate, checkpoint
+            elapsed = time.perf_counter() - started
+            (all_tokens,) = _all_sum([tokens_seen], acc.device)
+            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                      "epoch": round(epoch_of(step, len(run.train), t.batch_size), 4),
+                      "tokens_per_s": all_tokens / elapsed}
+            if step % t.eval_every == 0 or step == t.max_steps:
+                record["eval_loss"] = evaluate(run)
+            run.metrics.append(record)
+            if acc.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress(step, record)
+            stop = interrupt.requested
+            if world > 1:  # every process must agree to stop at the same step
+                (stop,) = _all_sum([float(stop)], acc.device)
+                stop = stop > 0
+            if step % t.save_every == 0 or step == t.max_steps or stop:
+                save(run, step)
+                last_saved = step
+            if stop:
+                return {"interrupted": True, "step": step}
+    return {"interrupted": False, "step": step}
+
+
+def save(run: Run, step: int) -> None:
+    acc = run.accelerator
+    rng = acc.gather(rng_state().to(acc.device).unsqueeze(0)).cpu() if acc.num_processes > 1 \
+        else rng_state().unsqueeze(0)
+    if acc.is_main_process:
+        save_checkpoint(run.run_dir, step, run.adapter_tensors(), run.optimizer, run.scheduler, rng,
+                        run.info, run.t.keep_checkpoints)
+    acc.wait_for_everyone()
