@@ -102,7 +102,7 @@ def _exact_match(model, tokenizer, records, cfg: RunConfig, acc) -> dict | None:
     from ..data.instruct import prompt_and_reference
     from ..eval.exact_match import exact_match, generate_responses
 
-    pairs = [prompt_and_reference(r, cfg.data, tokenizer) for r in records[:n]]
+    pairs = [prompt_and_reference(r, cfg.data.format, cfg.data.template, tokenizer) for r in records[:n]]
     model.eval()
     with acc.autocast():
         preds = generate_responses(model, tokenizer, [p for p, _ in pairs], cfg.train.max_new_tokens,
