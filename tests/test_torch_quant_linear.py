@@ -45,9 +45,12 @@ def test_round_trip_through_the_layer_keeps_codes_and_zeros():
 
 
 def test_half_precision_input():
-    qw = rtn_quantize(torch.randn(32, 64), 4, 32)
+    gen = torch.Generator().manual_seed(0)
+    qw = rtn_quantize(torch.randn(32, 64, generator=gen), 4, 32)
     layer = TorchQuantLinear.from_quantized(qw, None, "int", torch.float16)
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 64, generator=gen)
     y = layer(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), x @ reference_weight(qw).float().t(), rtol=3e-2, atol=3e-2)
+    ref = x.double() @ reference_weight(qw).t()
+    # bf16 keeps 8 significant bits: input, weight and output rounding, relative to the output scale
+    assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
