@@ -127,3 +127,13 @@ def test_non_finite_weights_stop_with_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="model.layers.0.mlp.up_proj gave non-finite weights"):
         run(cfg, show_progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_without_true_sequential_each_layer_gets_its_own_inputs_hessian(tiny_model_dir, tmp_path):
+    """One pass per block: layers are matched to their inputs by tensor identity (ids of freed
+    tensors are reused, which once paired down_proj with another layer's Hessian)."""
+    out = tmp_path / "flat"
+    report = run(validate(tiny_config_dict(tiny_model_dir, out, true_sequential=False), "t"), show_progress=False)
+    widths = {r["name"].rsplit(".", 1)[-1]: r["in_features"] for r in report["layers"]}
+    assert widths["down_proj"] == 128 and widths["q_proj"] == 64
+    assert all(r["rel_output_error"] < 0.5 for r in report["layers"])

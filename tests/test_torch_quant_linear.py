@@ -54,3 +54,26 @@ def test_half_precision_input():
     ref = x.double() @ reference_weight(qw).t()
     # bf16 keeps 8 significant bits: input, weight and output rounding, relative to the output scale
     assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "act-order", "uneven"])
+def test_every_group_layout_matches_float64(kind):
+    """Contiguous groups, act-order (gathered by group), and unequal scattered groups (the
+    per-weight gather): forward and input gradient against the explicit formula."""
+    gen = torch.Generator().manual_seed(7)
+    qw = rtn_quantize(torch.randn(32, 96, generator=gen), 4, 32)
+    if kind == "act-order":
+        qw.g_idx = qw.g_idx[torch.randperm(96, generator=gen)]
+    if kind == "uneven":
+        qw.g_idx = torch.randint(0, 3, (96,), generator=gen, dtype=torch.int32)
+        qw.g_idx[:3] = torch.arange(3, dtype=torch.int32)
+    layer = TorchQuantLinear.from_quantized(qw, None, "int", dtype=torch.float32)
+    assert (layer._group_order()[1] is not None) == (kind == "act-order")
+    x = torch.randn(4, 96, generator=gen, requires_grad=True)
+    y = layer(x)
+    W = reference_weight(qw)
+    torch.testing.assert_close(y.double(), x.detach().double() @ W.t(), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(y.shape, generator=gen)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad.double(), dy.double() @ W, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.dequantize_weight(torch.float64), W, rtol=1e-6, atol=1e-6)

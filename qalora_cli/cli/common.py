@@ -25,3 +25,12 @@ def _yaml(value: Any) -> str:
 
     # JSON is YAML: strings are quoted so a path like "1e5" or "on" stays a string.
     return json.dumps(value)
+
+
+def quiet_library_logs() -> None:
+    """Optional libraries announce at import what they could not load (torchao's CUDA
+    extensions, torch.compile notices): noise to a user of this CLI. Set before they import."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_HELP, build_config, overrides_arg
+from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
 
 
 def finetune(
@@ -26,6 +26,7 @@ def finetune(
              "train.max_steps": max_steps, "train.device": device}
     cfg = build_config(config, list(overrides or []), flags)
 
+    quiet_library_logs()
     from ..recipes.finetune import run
 
     report = run(cfg, resume=resume, overwrite=overwrite)

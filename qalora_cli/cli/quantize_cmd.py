@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_HELP, build_config, overrides_arg
+from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
 
 
 def quantize(
@@ -28,6 +28,7 @@ def quantize(
     model_reset = ["model.package=null", "model.gguf_file=null"] if model is not None else []
     cfg = build_config(config, model_reset + list(overrides or []), flags)
 
+    quiet_library_logs()
     from ..recipes.quantize import run
 
     report = run(cfg)

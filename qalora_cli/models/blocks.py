@@ -67,11 +67,12 @@ def sequential_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> l
     Llama block: [q, k, v], [o], [gate, up], [down].
     """
     layers = linear_layers(block)
-    order: list[tuple[str, int]] = []
+    # The tensors themselves, not their ids: a freed tensor's id is reused by later ones.
+    order: list[tuple[str, torch.Tensor]] = []
     handles = []
     for name, mod in layers.items():
         handles.append(mod.register_forward_pre_hook(
-            lambda _m, args, name=name: order.append((name, id(args[0])))))
+            lambda _m, args, name=name: order.append((name, args[0]))))
     try:
         block(hidden, **kwargs)
     finally:
@@ -82,7 +83,7 @@ def sequential_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> l
     for name, inp in order:
         if any(name in g for g in groups):
             continue
-        if inp == last_input:
+        if inp is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])

@@ -59,17 +59,20 @@ def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_earl
     ends as soon as every named layer has seen its input."""
     layers = linear_layers(block)
     accs: dict[str, HessianAccumulator] = {}
-    by_input: dict[int, HessianAccumulator] = {}
+    # Keyed by id, holding the tensor too: alive, its id cannot be reused by a later input.
+    by_input: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}
     fired: set[str] = set()
 
     def hook(name):
         def f(_mod, args):
             x = args[0]
-            acc = by_input.get(id(x))
-            if acc is None:
+            seen = by_input.get(id(x))
+            if seen is not None and seen[0] is x:
+                acc = seen[1]
+            else:
                 acc = accs.get(name) or HessianAccumulator(x.shape[-1], x.device)
                 acc.add(x)
-                by_input[id(x)] = acc
+                by_input[id(x)] = (x, acc)
             accs[name] = acc
             fired.add(name)
             if stop_early and fired.issuperset(names):

@@ -94,11 +94,12 @@ def train_loop(run: Run, progress) -> dict:
     lengths = [len(e.input_ids) for e in run.train]
     log_path = run.run_dir / "metrics.jsonl"
     last_saved = run.start_step
-    started, tokens_seen = time.perf_counter(), 0
+    train_seconds, tokens_seen = 0.0, 0  # training throughput: evaluation and saving not counted
     run.loss_model.train()
     step = run.start_step
     with _Interrupt() as interrupt:
         while step < t.max_steps:
+            step_started = time.perf_counter()
             # 1. This process's micro-batches; the step's response-token count over all processes
             micro = [collate([run.train[i] for i in mb], run.pad_id)
                      for mb in micro_batches_for(step, lengths, t.batch_size, t.micro_batch_size, t.seed, rank, world)]
@@ -134,11 +135,11 @@ def train_loop(run: Run, progress) -> dict:
             step += 1
 
             # 4. Log, evaluate, checkpoint
-            elapsed = time.perf_counter() - started
+            train_seconds += time.perf_counter() - step_started
             (all_tokens,) = _all_sum([tokens_seen], acc.device)
             record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                       "epoch": round(epoch_of(step, len(run.train), t.batch_size), 4),
-                      "tokens_per_s": all_tokens / elapsed}
+                      "tokens_per_s": all_tokens / train_seconds}
             if step % t.eval_every == 0 or step == t.max_steps:
                 record["eval_loss"] = evaluate(run)
             run.metrics.append(record)
