@@ -189,3 +189,22 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, qbase, tmp_path):
     quantize(validate(tiny_config_dict(tiny_model_dir, other, bits=3, group_size=32), "t"), show_progress=False)
     code, text = ft("--model", str(other), "--resume")
     assert code == 2 and "trained on another model" in text
+
+
+def test_gradient_checkpointing_gives_the_same_curve(tiny_model_dir, qbase, tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, plain, max_steps=3), show_progress=False)
+    finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, ckpt, max_steps=3, gradient_checkpointing=True),
+                        show_progress=False)
+    for x, y in zip(losses(plain), losses(ckpt), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_overlong_examples_are_counted_in_the_report(tiny_model_dir, qbase, tmp_path):
+    d = ft_dict(tiny_model_dir, qbase, tmp_path / "a", max_steps=1, eval_every=1)
+    d["data"].update(max_length=160, overlong="skip")
+    report = finetune_recipe.run(validate(d, "t"), show_progress=False)
+    stats = report["data_stats"]
+    assert stats["skipped"] > 0 and stats["examples"] + stats["skipped"] == 140
+    assert report["train_examples"] == stats["examples"]

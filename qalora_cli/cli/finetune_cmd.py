@@ -57,7 +57,9 @@ def _print_summary(report: dict) -> None:
         t.add_row(f"exact match ({a['generation']['examples']} prompts)",
                   f"{100 * b['generation']['exact_match']:.1f}%", f"{100 * a['generation']['exact_match']:.1f}%")
     console.print(t)
-    console.print(f"{report['train_examples']} training examples; {report['tokens_per_s']:.0f} tokens/s; "
+    st = report["data_stats"]
+    console.print(f"{report['train_examples']} training examples ({st['truncated']} truncated, {st['skipped']} "
+                  f"skipped as longer than data.max_length); {report['tokens_per_s']:.0f} tokens/s; "
                   f"train {report['seconds']['train']:.0f} s, total {report['seconds']['total']:.0f} s; "
                   f"peak memory {report['peak_memory_mib']:.0f} MiB")
     console.print(f"adapter: {report['adapter']}")
