@@ -14,20 +14,11 @@ from torch import nn
 
 from ..config.schema import LoraSection
 from ..errors import UserError
+from ..models.quantized_io import weight_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "qalora-adapter"
-
-
-def weight_files(path: str | Path) -> list[Path]:
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise UserError(f"'{path}' holds no safetensors weights (model.safetensors or an index)")
 
 
 def checkpoint_sha256(path: str | Path) -> str:

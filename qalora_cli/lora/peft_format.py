@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .adapter_io import FORMAT, checkpoint_sha256, read_adapter, weight_files
+from ..models.quantized_io import weight_files
+from .adapter_io import FORMAT, checkpoint_sha256, read_adapter
 
 PEFT_PREFIX = "base_model.model."
 

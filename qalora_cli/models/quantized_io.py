@@ -62,7 +62,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: Path, quantization_conf
     (out_dir / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2) + "\n")
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: str | Path) -> list[Path]:
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -99,7 +100,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
 
-    files = _weight_files(path)
+    files = weight_files(path)
     try:
         keys = {}
         for f in files:
