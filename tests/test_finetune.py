@@ -193,9 +193,10 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, qbase, tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_curve(tiny_model_dir, qbase, tmp_path):
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, plain, max_steps=3), show_progress=False)
-    finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, ckpt, max_steps=3, gradient_checkpointing=True),
-                        show_progress=False)
+    r1 = finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, plain, max_steps=3), show_progress=False)
+    r2 = finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, ckpt, max_steps=3, gradient_checkpointing=True),
+                             show_progress=False)
+    assert not r1["gradient_checkpointing"] and r2["gradient_checkpointing"]
     for x, y in zip(losses(plain), losses(ckpt), strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)

@@ -140,8 +140,11 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
     base_sha = checkpoint_sha256(base_dir)
     torch.manual_seed(t.seed)  # the same adapter initialization on every process
     adapters = inject_qalora(model, cfg.lora)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     params = [p for m in adapters.values() for p in (m.lora_A, m.lora_B)]
 
@@ -189,6 +192,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
         "base": str(base_dir), "adapter": str(run_dir), "data": described, "data_stats": data_stats,
         "train_examples": len(train), "eval_examples": len(held), "processes": world,
         "device": str(acc.device), "mixed_precision": acc.mixed_precision, "optimizer": opt_name,
+        "gradient_checkpointing": bool(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
+                                       else model.is_gradient_checkpointing),
         "steps": outcome["step"], "resumed_from": start_step or None, "interrupted": outcome["interrupted"],
         "before": baseline,
         "seconds": {"setup": round(t_setup - t0, 2), "train": round(t_train - t_setup, 2)},
