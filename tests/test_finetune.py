@@ -37,7 +37,8 @@ def qbase(tiny_model_dir, tmp_path_factory):
 def ft_dict(tiny_model_dir, qbase, adapter_dir, **train):
     d = tiny_config_dict(tiny_model_dir, qbase)
     d["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0}
-    d["data"] = {"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw", "eval_max_examples": 16}
+    d["data"] = {"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
+                 "eval_max_examples": 16}
     t = {"adapter_dir": str(adapter_dir), "device": "cpu", "micro_batch_size": 4, "batch_size": 8,
          "learning_rate": 3e-3, "max_steps": 12, "eval_every": 4, "save_every": 4, "exact_match_examples": 0,
          "mixed_precision": "no"}

@@ -192,8 +192,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
         "base": str(base_dir), "adapter": str(run_dir), "data": described, "data_stats": data_stats,
         "train_examples": len(train), "eval_examples": len(held), "processes": world,
         "device": str(acc.device), "mixed_precision": acc.mixed_precision, "optimizer": opt_name,
-        "gradient_checkpointing": bool(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
-                                       else model.is_gradient_checkpointing),
+        "gradient_checkpointing": _checkpointing_on(model),
         "steps": outcome["step"], "resumed_from": start_step or None, "interrupted": outcome["interrupted"],
         "before": baseline,
         "seconds": {"setup": round(t_setup - t0, 2), "train": round(t_train - t_setup, 2)},
@@ -242,6 +241,12 @@ def _restore(run_dir: Path, fingerprint: dict, adapters, optimizer, scheduler, a
             lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             log.write_text("".join(ln + "\n" for ln in lines))
     return step
+
+
+def _checkpointing_on(model) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):  # transformers 5
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def _base_model(base_dir: Path) -> str:
