@@ -110,7 +110,6 @@ class _Row:
     """One distinct model input and what is read from it: for each (question, choice), the
     log-probabilities of the continuation tokens at the input's last len(cont) positions."""
     tokens: list[int]
-    group: str                                            # the subject: rows sharing a prefix
     reads: list[tuple[int, int, list[int]]] = field(default_factory=list)   # (question, choice, cont)
 
     def positions(self) -> list[int]:
@@ -118,9 +117,12 @@ class _Row:
         return sorted({p for _, _, cont in self.reads for p in range(n - len(cont), n)})
 
 
-def build_rows(pairs: list[list[tuple[list[int], list[int]]]], groups: list[str], max_length: int) -> list[_Row]:
+def build_rows(pairs: list[list[tuple[list[int], list[int]]]], max_length: int,
+               ids: Sequence[int] | None = None) -> list[_Row]:
+    """The distinct model inputs of the questions `ids` (default 0, 1, ...), whose (context,
+    continuation) token pairs are `pairs`."""
     rows: list[_Row] = []
-    for qi, (choice_pairs, group) in enumerate(zip(pairs, groups)):
+    for qi, choice_pairs in zip(ids if ids is not None else range(len(pairs)), pairs):
         by_input: dict[tuple[int, ...], _Row] = {}
         for ci, (ctx, cont) in enumerate(choice_pairs):
             if not ctx or not cont:
@@ -129,7 +131,7 @@ def build_rows(pairs: list[list[tuple[list[int], list[int]]]], groups: list[str]
             inp = tuple((ctx + cont)[-(max_length + 1):][:-1])
             row = by_input.get(inp)
             if row is None:
-                row = by_input[inp] = _Row(list(inp), group)
+                row = by_input[inp] = _Row(list(inp))
                 rows.append(row)
             row.reads.append((qi, ci, cont))
     return rows
@@ -194,9 +196,12 @@ class _Scorer:
                 self.done += self.rows_left[qi] == 0
 
     def prefix_cache(self, tokens: list[int]):
+        """The KV cache of `tokens`, or None where the model's cache cannot be repeated over a
+        batch (a legacy tuple cache from remote code): those rows then run without it."""
         kwargs = {"logits_to_keep": 1} if self.slice_head else {}
         out = self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=True, **kwargs)
-        return out.past_key_values
+        past = getattr(out, "past_key_values", None)
+        return past if hasattr(past, "batch_repeat_interleave") else None
 
 
 def shared_prefix(rows: list[_Row]) -> int:
@@ -224,42 +229,36 @@ def score_questions(model, tokenizer, prompts: list[str], groups: list[str] | No
     uses the cache where the shared prefix is at least MIN_CACHED_PREFIX tokens."""
     groups = groups or [""] * len(prompts)
     max_length = max_length or max_length_of(model, tokenizer)
-    rows = build_rows(encode_pairs(tokenizer, prompts, continuations), groups, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
     sc = _Scorer(model, pad, len(prompts), len(continuations), progress)
-    for r in rows:
-        for qi in {qi for qi, _, _ in r.reads}:
-            sc.rows_left[qi] += 1
     total = len(prompts)
     sc.progress(0, total)
-
-    def longest_first(rs: list[_Row]) -> list[_Row]:
-        return sorted(rs, key=lambda r: (-len(r.tokens), r.tokens))
-
-    plain: list[_Row] = []
-    by_group: dict[str, list[_Row]] = {}
-    for r in rows:
-        by_group.setdefault(r.group, []).append(r)
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    was_training = model.training
+    model.eval()
     try:
-        for group_rows in by_group.values():
-            n = shared_prefix(group_rows) if prefix_cache is not False and len(group_rows) > 1 else 0
-            if n and (n >= MIN_CACHED_PREFIX or prefix_cache):
-                cache = sc.prefix_cache(group_rows[0].tokens[:n])
-                ordered = longest_first(group_rows)
-                for s in range(0, len(ordered), batch_size):
-                    batch = ordered[s:s + batch_size]
-                    past = copy.deepcopy(cache)   # the forward appends to it
+        # One group (subject) at a time: its token lists are all that is held in memory.
+        for ids in by_group.values():
+            rows = build_rows(encode_pairs(tokenizer, [prompts[i] for i in ids], continuations), max_length, ids)
+            for r in rows:
+                for qi in {qi for qi, _, _ in r.reads}:
+                    sc.rows_left[qi] += 1
+            # Longest first, as lm-eval: running out of memory shows at once, and lengths
+            # within a batch are close (little padding).
+            ordered = sorted(rows, key=lambda r: (-len(r.tokens), r.tokens))
+            n = shared_prefix(rows) if prefix_cache is not False and len(rows) > 1 else 0
+            cache = sc.prefix_cache(rows[0].tokens[:n]) if n and (n >= MIN_CACHED_PREFIX or prefix_cache) else None
+            for s in range(0, len(ordered), batch_size):
+                batch = ordered[s:s + batch_size]
+                if cache is None:
+                    sc.forward(batch)
+                else:
+                    past = copy.deepcopy(cache)   # the forward appends to it: the prefix stays clean
                     past.batch_repeat_interleave(len(batch))
                     sc.forward(batch, offset=n, past=past)
-                    sc.progress(sc.done, total)
-            else:
-                plain.extend(group_rows)
-        ordered = longest_first(plain)   # longest first, as lm-eval: out of memory shows at once
-        for s in range(0, len(ordered), batch_size):
-            sc.forward(ordered[s:s + batch_size])
-            sc.progress(sc.done, total)
+                sc.progress(sc.done, total)
     finally:
         model.train(was_training)
     return sc.ll

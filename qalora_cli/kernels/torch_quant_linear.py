@@ -95,8 +95,9 @@ class TorchQuantLinear(nn.Module):
 
         Act-order checkpoints scatter a group's columns. Gathering the rows of the codes by
         group once (the exllama trick) lets the weight be rebuilt with broadcast scales and
-        zeros, and the input is gathered to match: 3x faster than gathering scales and zeros
-        for every weight. Cached per g_idx tensor, device and version."""
+        zeros, and the input is gathered to match: all of SmolLM2-135M's layers in 0.10 s
+        against 0.18 s when scales and zeros are gathered for every weight (contiguous groups:
+        0.07 s). Cached per g_idx tensor, device and version."""
         key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)
         if getattr(self, "_order_key", None) != key:
             groups, g = self.scales.shape[0], self.g_idx.long()
