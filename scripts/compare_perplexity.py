@@ -11,13 +11,17 @@ import argparse
 import json
 import time
 
-import torch
+from qalora_cli.cli.common import quiet_library_logs
 
-from qalora_cli.config.loader import load_config
-from qalora_cli.data.builtin_text import heldout_text
-from qalora_cli.eval.perplexity import perplexity
-from qalora_cli.models.loading import load_model
-from qalora_cli.models.quantized_io import load_quantized
+quiet_library_logs()  # before torch and transformers import the optional libraries
+
+import torch  # noqa: E402
+
+from qalora_cli.config.loader import load_config  # noqa: E402
+from qalora_cli.data.builtin_text import heldout_text  # noqa: E402
+from qalora_cli.eval.perplexity import perplexity  # noqa: E402
+from qalora_cli.models.loading import load_model  # noqa: E402
+from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
 
 
 def heldout_ppl(model, tokenizer, seq_len: int, max_tokens: int) -> float:
