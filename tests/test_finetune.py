@@ -123,6 +123,10 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_model_dir, qbase, t
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-7)
     assert losses(whole)[3]["loss"] != a[3]["loss"]  # dropout did change the curve
+    # a crash after the last checkpoint but before the adapter was written: resume just finishes
+    (cut / "adapter_config.json").unlink()
+    report = finetune_recipe.run(cfg_cut, resume=True, show_progress=False)
+    assert report["steps"] == 10 and (cut / "adapter_config.json").is_file()
 
 
 def test_two_processes_give_the_one_process_curve(tiny_model_dir, qbase, tmp_path):

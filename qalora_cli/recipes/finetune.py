@@ -203,7 +203,9 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
         return report
 
     # 6. The trained model, then the adapter, written so that a crash never leaves half of it
-    report["after"] = {"eval_loss": run_obj.metrics[-1].get("eval_loss") or evaluate(run_obj),
+    # (a resumed run whose checkpoint was its last step trains nothing more: evaluate here)
+    last_eval = run_obj.metrics[-1].get("eval_loss") if run_obj.metrics else None
+    report["after"] = {"eval_loss": last_eval if last_eval is not None else evaluate(run_obj),
                        "generation": _exact_match(model, tokenizer, eval_records, cfg, acc)}
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     if acc.is_main_process:
