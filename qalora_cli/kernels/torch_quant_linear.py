@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..quant.gptq_format import decode_qzeros, from_gptq_tensors, to_gptq_tensors
-from ..quant.groups import num_groups
+from ..quant.groups import GroupLayout, num_groups
 from ..quant.pack import pack_rows, unpack_rows
 from ..quant.result import QuantizedWeight
 from .base import BackendSupport
@@ -100,13 +100,9 @@ class TorchQuantLinear(nn.Module):
         0.07 s). Cached per g_idx tensor, device and version."""
         key = (self.g_idx.data_ptr(), self.g_idx._version, self.g_idx.device)
         if getattr(self, "_order_key", None) != key:
-            groups, g = self.scales.shape[0], self.g_idx.long()
-            contiguous = bool(torch.equal(g, torch.arange(self.in_features, device=g.device) * groups
-                                          // self.in_features))
-            counts = torch.bincount(g, minlength=groups)
-            equal = bool((counts == self.in_features // groups).all())
-            perm = torch.argsort(g, stable=True) if not contiguous and equal else None
-            self._order, self._order_key = (contiguous, perm), key
+            layout = GroupLayout(self.g_idx, self.scales.shape[0])
+            perm = layout.order if not layout.contiguous and layout.equal_sizes else None
+            self._order, self._order_key = (layout.contiguous, perm), key
         return self._order
 
     def _weight_in_out(self, dtype: torch.dtype, by_group: bool = False) -> torch.Tensor:

@@ -16,10 +16,9 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
 from ..models.quantized_io import weight_files
+from ..quant.groups import GroupLayout
 from .adapter_io import FORMAT, checkpoint_sha256, read_adapter
 
 PEFT_PREFIX = "base_model.model."
@@ -38,11 +37,9 @@ def base_layer_facts(base_dir: str | Path) -> tuple[dict, dict[str, tuple[int, i
         with safe_open(f, "pt") as sf:
             for key in sf.keys():
                 if key.endswith(".g_idx"):
-                    g_idx = sf.get_tensor(key).long()
-                    name = key[: -len(".g_idx")]
-                    groups = int(g_idx.max()) + 1
-                    contiguous = torch.equal(g_idx, torch.arange(g_idx.numel()) * groups // g_idx.numel())
-                    facts[name] = (g_idx.numel(), groups, contiguous)
+                    g_idx = sf.get_tensor(key)
+                    layout = GroupLayout(g_idx)
+                    facts[key[: -len(".g_idx")]] = (g_idx.numel(), layout.groups, layout.contiguous)
     return qc, facts
 
 

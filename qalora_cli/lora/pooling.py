@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.groups import GroupLayout
+
 
 class GroupPool(torch.nn.Module):
     """Mean of x over the columns of each group. Built once per layer from its `g_idx`."""
@@ -15,16 +17,15 @@ class GroupPool(torch.nn.Module):
     def __init__(self, g_idx: torch.Tensor, groups: int):
         super().__init__()
         g_idx = g_idx.long()
-        counts = torch.bincount(g_idx, minlength=groups)
+        layout = GroupLayout(g_idx, groups)
+        counts = layout.counts
         if (counts == 0).any():
             raise ValueError(f"g_idx leaves group(s) {torch.nonzero(counts == 0).flatten().tolist()[:5]} empty")
         self.groups = groups
-        self.contiguous = bool(torch.equal(g_idx, torch.arange(g_idx.numel(), device=g_idx.device)
-                                           * groups // g_idx.numel()))
-        self.equal_sizes = bool((counts == counts[0]).all())
+        self.contiguous, self.equal_sizes = layout.contiguous, layout.equal_sizes
         # Columns sorted by group (a stable sort keeps the order within a group): a gather,
         # then a reshape and a mean, which autograd and every backend do well.
-        self.register_buffer("order", torch.argsort(g_idx, stable=True), persistent=False)
+        self.register_buffer("order", layout.order, persistent=False)
         self.register_buffer("g_idx", g_idx, persistent=False)
         self.register_buffer("counts", counts, persistent=False)
 

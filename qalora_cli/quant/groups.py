@@ -25,3 +25,18 @@ def contiguous_g_idx(in_features: int, group_size: int) -> torch.Tensor:
 
 def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else in_features // group_size
+
+
+class GroupLayout:
+    """How a layer's `g_idx` arranges its groups, worked out once: whether they are contiguous
+    (k // g), their sizes, and the column order (a stable sort by group) that makes them so.
+    The QuantLinear, the QA-LoRA pooling and the PEFT conversion all read it from here."""
+
+    def __init__(self, g_idx: torch.Tensor, groups: int | None = None):
+        g = g_idx.long()
+        n = g.numel()
+        self.groups = int(g.max()) + 1 if groups is None else groups
+        self.counts = torch.bincount(g, minlength=self.groups)
+        self.contiguous = bool(torch.equal(g, torch.arange(n, device=g.device) * self.groups // n))
+        self.equal_sizes = n % self.groups == 0 and bool((self.counts == n // self.groups).all())
+        self.order = torch.argsort(g, stable=True)
