@@ -31,13 +31,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import adapter_cmd, config_cmd, eval_cmd, finetune_cmd, quantize_cmd  # noqa: E402
+from . import adapter_cmd, config_cmd, eval_cmd, finetune_cmd, merge_cmd, quantize_cmd  # noqa: E402
 
 app.add_typer(config_cmd.config_app, name="config")
 app.add_typer(adapter_cmd.adapter_app, name="adapter")
 app.add_typer(eval_cmd.eval_app, name="eval")
 app.command("quantize")(quantize_cmd.quantize)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("merge")(merge_cmd.merge)
 
 
 def main() -> None:

@@ -66,12 +66,13 @@ def mmlu_cmd(
     print_mmlu(report, output_json)
 
 
-def _is_gptq_folder(path: Path) -> bool:
+def _is_quantized_folder(path: Path) -> bool:
+    """A GPTQ checkpoint or a merged (qalora-format) one: both load with load_quantized."""
     try:
         qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "gptq"
+    return isinstance(qc, dict) and qc.get("quant_method") in ("gptq", "qalora")
 
 
 def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype: str):
@@ -93,7 +94,7 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
     torch_dtype = names[dtype] if dtype != "auto" else torch.float32 if dev.type == "cpu" else torch.float16
     path = Path(model).expanduser()
 
-    if path.is_dir() and _is_gptq_folder(path):
+    if path.is_dir() and _is_quantized_folder(path):
         from transformers import AutoTokenizer
 
         from ..models.quantized_io import load_quantized

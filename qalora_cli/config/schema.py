@@ -1,7 +1,7 @@
 """The typed run config. Every key is validated; unknown keys are rejected.
 
 Sections: model, quantize, calibration, output (the quantize stage); lora, data, train (the
-finetune stage). Later stages add theirs beside these.
+finetune stage); merge. Later stages add theirs beside these.
 """
 
 from __future__ import annotations
@@ -157,6 +157,26 @@ class TrainSection(Section):
         return self
 
 
+class MergeSection(Section):
+    """Folding the adapter into the quantized model, and the check that follows."""
+    format: Literal["qalora", "gptq", "gguf"] = Field(
+        "qalora", description="qalora: float zero points, exact; gptq: integer zero points (rounded, the loss "
+                              "reported); gguf: Q4_1 for llama.cpp and ollama (bits 4, group 32, contiguous groups)")
+    quantized_model: str | None = Field(None, description="the quantized base (default: train.quantized_model, "
+                                                          "else output.dir)")
+    adapter_dir: str | None = Field(None, description="the adapter (default: train.adapter_dir, else "
+                                                      "output.dir + '-qalora')")
+    dir: str | None = Field(None, description="where the merged model goes (default: output.dir + '-merged', "
+                                              "+ '-gptq' or '-gguf' for those formats)")
+    verify: bool = Field(True, description="reload the output and compare it with the unmerged model")
+    verify_prompts: int = Field(4, ge=1, description="held-out prompts whose logits are compared")
+    verify_tokens: int = Field(64, ge=4, description="tokens per prompt")
+    generate_tokens: int = Field(16, ge=0, description="greedy tokens generated from 2 prompts by both models")
+    ppl_tokens: int = Field(4096, ge=0, description="held-out tokens for the perplexity of both models (0: skip)")
+    device: str = Field("auto", description="where verification runs: auto, cpu, cuda, cuda:N")
+    gguf_float_type: Literal["F16", "F32"] = Field("F16", description="gguf: type of the unquantized 2-D tensors")
+
+
 class RunConfig(Section):
     model: ModelSection
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
@@ -165,3 +185,4 @@ class RunConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    merge: MergeSection = Field(default_factory=MergeSection)

@@ -138,6 +138,19 @@ class TorchQuantLinear(nn.Module):
             else torch.matmul(x, self._weight_in_out(x.dtype, by_group))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """Float zero points stay float32 through `.to(dtype)`, `.half()` and the like: merged
+        zeros are fractional, and float16 would round them by up to 2^-8 of a step, shifting
+        every weight of the group. They follow the module across devices as usual."""
+        zeros = self._buffers.pop("zeros", None) if self.zero_kind == "float" else None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if zeros is not None:
+                device = fn(torch.empty(0, device=zeros.device)).device
+                self._buffers["zeros"] = zeros.to(device=device, dtype=torch.float32)
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, zeros={self.zero_kind}")

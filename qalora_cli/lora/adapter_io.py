@@ -73,9 +73,8 @@ def save_adapter(folder: Path, adapters: dict[str, nn.Module], config: dict) -> 
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def read_adapter_config(folder: str | Path) -> dict:
+    """The adapter's config, after checking the folder holds a qalora adapter (no tensor read)."""
     folder = Path(folder)
     cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
@@ -88,12 +87,27 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         hint = " (a PEFT adapter: import it with `qalora adapter import-peft`)" if "peft_type" in config else ""
         raise UserError(f"'{folder}' is not a qalora adapter{hint}")
     try:
-        tensors = load_file(w_path)
+        from safetensors import safe_open
+
+        with safe_open(w_path, "pt") as f:
+            names = set(f.keys())
     except Exception as e:
         raise UserError(f"'{w_path}': corrupt adapter weights: {str(e).splitlines()[0]}") from e
     for name in config["targets"]:
-        if f"{name}.lora_A" not in tensors or f"{name}.lora_B" not in tensors:
+        if f"{name}.lora_A" not in names or f"{name}.lora_B" not in names:
             raise UserError(f"'{folder}': the weights lack the adapter of {name}")
+    return config
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(folder)
+    w_path = Path(folder) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(w_path)
+    except Exception as e:
+        raise UserError(f"'{w_path}': corrupt adapter weights: {str(e).splitlines()[0]}") from e
     return config, tensors
 
 

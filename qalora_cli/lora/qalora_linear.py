@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from .merge import group_delta
 from .pooling import GroupPool
 
 
@@ -58,8 +59,7 @@ class QALoraLinear(nn.Module):
     def delta_groups(self) -> torch.Tensor:
         """[out, groups] float64: the update every weight of group j in row o receives,
         (alpha/r) (B A)[o, j] / g, with g the group's column count."""
-        ba = self.lora_B.double() @ self.lora_A.double()
-        return ba * self.scaling / self.pool.counts.double().to(ba.device)
+        return group_delta(self.lora_A, self.lora_B, self.scaling, self.pool.counts)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, groups={self.groups}"

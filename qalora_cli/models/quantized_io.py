@@ -1,6 +1,9 @@
 """Write and read quantized checkpoints: a Hugging Face folder whose quantized linear layers
 hold `qweight`, `qzeros` (z - 1, GPTQ v1), `scales` and `g_idx`, with `quantization_config`
-in config.json. transformers + GPTQModel, vLLM and exllama read the same files."""
+in config.json. transformers + GPTQModel, vLLM and exllama read the same files.
+
+The merged format (`quant_method: qalora`) is the same but for the layers an adapter was
+merged into: they hold float32 `zeros` [groups, out] instead of `qzeros`."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from ..config.schema import QuantizeSection
 from ..errors import UserError
 from ..kernels.torch_quant_linear import TorchQuantLinear
 from ..quant.result import QuantizedWeight
+
+
+MERGED_QUANT_METHOD = "qalora"  # float zero points: no GPTQ reader may take these files for its own
 
 
 def gptq_quantization_config(q: QuantizeSection) -> dict:
@@ -90,9 +96,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     config = AutoConfig.from_pretrained(path)
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
-    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
-        raise UserError(f"'{path}' is not a GPTQ checkpoint (no quantization_config with quant_method gptq)")
-    if qc.get("checkpoint_format", "gptq") != "gptq":
+    if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", MERGED_QUANT_METHOD):
+        raise UserError(f"'{path}' is not a quantized checkpoint (no quantization_config with quant_method "
+                        f"gptq or {MERGED_QUANT_METHOD})")
+    if qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"'{path}': checkpoint_format {qc.get('checkpoint_format')!r} is not supported; "
                         "qalora reads the GPTQ v1 layout ('gptq')")
     del config.quantization_config
@@ -115,8 +122,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
             lin = model.get_submodule(name)
+            # A merged (qalora-format) layer holds float `zeros`; the others GPTQ `qzeros`.
+            kind = "float" if f"{name}.zeros" in keys else "int"
             _set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, qc["bits"],
-                                                      qc["group_size"], lin.bias is not None, "int", dtype))
+                                                      qc["group_size"], lin.bias is not None, kind, dtype))
     state = {}
     try:
         for f in files:

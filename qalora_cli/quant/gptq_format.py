@@ -21,11 +21,9 @@ def to_gptq_tensors(qw: QuantizedWeight, layer: str = "layer") -> dict[str, torc
     z = torch.round(qw.zeros)
     if not torch.equal(z, qw.zeros):
         raise UserError(f"{layer}: GPTQ qzeros hold integer zero points; this weight has fractional ones")
-    # v1 stores z - 1; readers add 1 back and mask to b bits (z = 0 wraps to 2^b - 1 and back).
-    stored = (z.to(torch.int64) - 1) & max_code(qw.bits)
     return {
         "qweight": pack_rows(qw.codes.t(), qw.bits, f"the input width of {layer}"),
-        "qzeros": pack_cols(stored, qw.bits, f"the output width of {layer}"),
+        "qzeros": encode_qzeros(z, qw.bits, layer),
         "scales": qw.scales.to(torch.float16),
         "g_idx": qw.g_idx.to(torch.int32),
     }
@@ -38,6 +36,13 @@ def from_gptq_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int) ->
     zeros = decode_qzeros(t["qzeros"], bits, out_f)
     return QuantizedWeight(codes=codes, scales=t["scales"].float(), zeros=zeros,
                            g_idx=t["g_idx"].to(torch.int32), bits=bits, group_size=group_size)
+
+
+def encode_qzeros(zeros: torch.Tensor, bits: int, layer: str = "layer") -> torch.Tensor:
+    """Integer zero points [groups, out] -> packed v1 `qzeros`. v1 stores z - 1; readers add 1
+    back and mask to b bits, so z = 0 wraps to 2^b - 1 and back."""
+    stored = (zeros.to(torch.int64) - 1) & max_code(bits)
+    return pack_cols(stored, bits, f"the output width of {layer}")
 
 
 def decode_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Merged-model writers: the qalora float-zero format, GPTQ and GGUF."""

@@ -1,0 +1,71 @@
+"""One layer at a time: read a target layer's zero points, scales and g_idx from the base
+checkpoint and its A and B from the adapter file, and give the merged zero points.
+
+Everything an adapter can get wrong (a target the model lacks, a rank or a group count that
+disagrees) is checked from tensor shapes alone, before anything is read or written."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..lora.adapter_io import ADAPTER_WEIGHTS
+from ..lora.merge import merge_zero_points
+from ..quant.gptq_format import decode_qzeros
+from .checkpoint_reader import CheckpointReader
+
+LAYER_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class LayerMerger:
+    def __init__(self, base: CheckpointReader, adapter_dir: str | Path, adapter_config: dict, bits: int):
+        from safetensors import safe_open
+
+        self.base, self.config, self.bits = base, adapter_config, bits
+        self.targets: list[str] = list(adapter_config["targets"])
+        self.scaling = float(adapter_config["scaling"])
+        self._stack = ExitStack()
+        self._adapter = self._stack.enter_context(safe_open(Path(adapter_dir) / ADAPTER_WEIGHTS, "pt"))
+        self.check()
+
+    def check(self) -> None:
+        rank = self.config["rank"]
+        if abs(self.scaling - self.config["alpha"] / rank) > 1e-9 * max(1.0, abs(self.scaling)):
+            raise UserError(f"the adapter config's scaling {self.scaling} is not alpha / rank "
+                            f"({self.config['alpha']} / {rank})")
+        for t in self.targets:
+            lacking = [k for k in LAYER_KEYS if f"{t}.{k}" not in self.base]
+            if len(lacking) == len(LAYER_KEYS):
+                raise UserError(f"the adapter targets {t}, which the model does not have as a quantized layer")
+            if lacking:
+                if f"{t}.zeros" in self.base:
+                    raise UserError(f"{t} already holds a merged adapter (float zeros): merge onto the "
+                                    "GPTQ base the adapter was trained on")
+                raise UserError(f"{t} lacks {', '.join(lacking)} in the model's weights")
+            groups, out = self.base.shape(f"{t}.scales")
+            a = tuple(self._adapter.get_slice(f"{t}.lora_A").get_shape())
+            b = tuple(self._adapter.get_slice(f"{t}.lora_B").get_shape())
+            if a != (rank, groups) or b != (out, rank):
+                raise UserError(f"adapter of {t}: A {a} and B {b} do not fit rank {rank} and the layer's "
+                                f"{groups} groups x {out} outputs (group size {self.config['group_size']} in "
+                                "the adapter)")
+
+    def zeros_before_after(self, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, z') [groups, out] of one target layer; z' in float64."""
+        scales = self.base.get(f"{target}.scales").float()
+        zeros = decode_qzeros(self.base.get(f"{target}.qzeros"), self.bits, scales.shape[1])
+        a = self._adapter.get_tensor(f"{target}.lora_A")
+        b = self._adapter.get_tensor(f"{target}.lora_B")
+        return zeros, merge_zero_points(zeros, scales, self.base.get(f"{target}.g_idx"), a, b, self.scaling, target)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "LayerMerger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,70 @@
+"""Write a safetensors file one tensor at a time.
+
+`safetensors.torch.save_file` wants every tensor in memory at once: merging a 70B-class model
+that way needs the model twice. The format is simple (an 8-byte little-endian header length, a
+JSON header with each tensor's dtype, shape and byte range, then the bytes in that order), so
+the header is planned from shapes alone and each tensor is written as it is made."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def dtype_from_code(code: str) -> torch.dtype:
+    return CODE_DTYPES[code]
+
+
+class StreamWriter:
+    """Usage: declare (name, dtype, shape) for every tensor, then `write` them in that order."""
+
+    def __init__(self, path: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._plan = list(plan)
+        header, offset = {}, 0
+        for name, dtype, shape in self._plan:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned, as safetensors writes them
+        self.data_bytes = offset
+        self._next = 0
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape = self._plan[self._next]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {self._next}: planned {want_name} {dtype} {tuple(shape)}, got "
+                             f"{name} {tensor.dtype} {tuple(tensor.shape)}")
+        t = tensor.detach().to("cpu").contiguous()
+        self._fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != len(self._plan):
+            raise ValueError(f"{self.path}: {len(self._plan) - self._next} planned tensors were not written")
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()

@@ -1,0 +1,173 @@
+"""`qalora merge`, top to bottom: check the adapter against the base, fold it into the zero
+points layer by layer while writing the chosen format, reload the output and compare it with
+the unmerged model, and keep the output only if it passes.
+
+Call `run(cfg)` from code; the CLI is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config.schema import RunConfig
+from ..device import resolve_device
+from ..errors import UserError
+from ..export.checkpoint_reader import CheckpointReader
+from ..export.layer_merge import LayerMerger
+from ..export.safetensors_export import merged_quantization_config, write_merged_safetensors, write_side_files
+from ..export.verify import EXACT_RELATIVE_TOLERANCE, compare, make_probe, run_probe, unmerged_model
+from ..lora.adapter_io import check_base, checkpoint_sha256, read_adapter_config
+from ..output_dir import atomic_output_dir, check_writable
+from ..progress import block_progress
+
+REPORT_NAME = "merge_report.json"
+GGUF_NAME = "model.gguf"
+# GGUF stores m = -s z' in float16: each group's weights may move by half an fp16 ulp of m.
+# Measured on SmolLM2-135M (docs/BENCHMARKS.md); this bound holds with a wide margin.
+GGUF_RELATIVE_TOLERANCE = 2e-2
+
+
+def merge_paths(cfg: RunConfig) -> tuple[Path, Path, Path]:
+    """(the quantized base, the adapter, the merged output)."""
+    m, stem = cfg.merge, cfg.output.dir.rstrip("/")
+    base = Path(m.quantized_model or cfg.train.quantized_model or stem)
+    adapter = Path(m.adapter_dir or cfg.train.adapter_dir or f"{stem}-qalora")
+    suffix = "" if m.format == "qalora" else f"-{m.format}"
+    return base, adapter, Path(m.dir or f"{stem}-merged{suffix}")
+
+
+def _peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (1 << 20) if sys.platform == "darwin" else kib / 1024
+
+
+def _base_quantization(base: Path) -> dict:
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{base}' is not a quantized model folder ({e.__class__.__name__} reading config.json)")
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
+        what = "a merged model" if isinstance(qc, dict) and qc.get("quant_method") == "qalora" else "not GPTQ"
+        raise UserError(f"'{base}' is {what}: merge onto the GPTQ checkpoint the adapter was trained on")
+    return {**qc, "model_type": config.get("model_type")}
+
+
+def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> dict:
+    t_start = time.perf_counter()
+    m = cfg.merge
+    base, adapter_dir, out = merge_paths(cfg)
+    check_writable(out, overwrite)  # every refusal before the slow part
+    if not base.is_dir():
+        raise UserError(f"the quantized model '{base}' does not exist")
+    adapter_cfg = read_adapter_config(adapter_dir)
+    qc = _base_quantization(base)
+    if m.format == "gguf":
+        from ..export.gguf_export import check_gguf_compatible
+
+        contiguous = not qc.get("desc_act") or bool(qc.get("static_groups"))
+        check_gguf_compatible(qc["model_type"], qc["bits"], qc["group_size"], contiguous)
+    base_sha = checkpoint_sha256(base)
+    check_base(adapter_cfg, base, base_sha)
+    device = resolve_device(m.device) if m.verify else None
+
+    report = {"format": m.format, "base": str(base), "adapter": str(adapter_dir), "output": str(out),
+              "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": bool(qc.get("desc_act")),
+              "rank": adapter_cfg["rank"], "alpha": adapter_cfg["alpha"], "layers": len(adapter_cfg["targets"])}
+    with CheckpointReader(base) as reader, LayerMerger(reader, adapter_dir, adapter_cfg, qc["bits"]) as merger, \
+            atomic_output_dir(out, overwrite) as tmp:
+        t_checked = time.perf_counter()
+        with block_progress("merging layers", enabled=show_progress) as show:
+            advance = _every_tenth(show, len(merger.targets))
+            if m.format == "gguf":
+                from ..export.gguf_merge import write_merged_gguf
+
+                rows = write_merged_gguf(merger, base, tmp / GGUF_NAME, m.gguf_float_type, on_layer=advance)
+                (tmp / "Modelfile").write_text(f"FROM ./{GGUF_NAME}\n")
+            else:
+                rows = write_merged_safetensors(merger, tmp, m.format, on_layer=advance)
+                write_side_files(base, tmp, merged_quantization_config(qc, m.format, adapter_cfg, base_sha), m.format)
+        report["seconds"] = {"check": round(t_checked - t_start, 2), "write": round(time.perf_counter() - t_checked, 2)}
+        report["peak_rss_mib_merge"] = round(_peak_rss_mib(), 1)
+        report["layer_report"] = rows
+        report["zero_rounding"] = _rounding_summary(rows) if m.format == "gptq" else None
+        if m.verify:
+            t_verify = time.perf_counter()
+            if m.format == "gguf":
+                from ..export.gguf_merge import check_gguf_weights
+
+                report["gguf_weights"] = check_gguf_weights(merger, tmp / GGUF_NAME)
+            report["verification"] = verify(cfg, base, adapter_dir, tmp, m.format, device)
+            report["seconds"]["verify"] = round(time.perf_counter() - t_verify, 2)
+        report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+        report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _every_tenth(show, total: int):
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if done % 10 == 0 or done == total:
+            show(done, total)
+    return advance
+
+
+def _rounding_summary(rows: list[dict]) -> dict:
+    return {"max_zero_shift": max(r["max_zero_shift"] for r in rows),
+            "mean_zero_shift": sum(r["mean_zero_shift"] for r in rows) / len(rows),
+            "clamped_share": sum(r["clamped_share"] for r in rows) / len(rows)}
+
+
+def verify(cfg: RunConfig, base: Path, adapter_dir: Path, out: Path, fmt: str, device) -> dict:
+    """Logits, greedy tokens and perplexity of the output against the unmerged model. Raises
+    (so the output is removed) when an exact format is beyond float rounding."""
+    from transformers import AutoTokenizer
+
+    m = cfg.merge
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    probe = make_probe(tokenizer, m.verify_prompts, m.verify_tokens, m.generate_tokens,
+                       m.ppl_tokens)
+    model = unmerged_model(base, adapter_dir, device)
+    reference = run_probe(model, probe)
+    del model
+    gc.collect()
+    model = load_merged(out, fmt, device)
+    merged = run_probe(model, probe)
+    del model
+    gc.collect()
+    result = compare(reference, merged)
+    tolerance = {"qalora": EXACT_RELATIVE_TOLERANCE, "gguf": GGUF_RELATIVE_TOLERANCE}.get(fmt)
+    result["tolerance"] = tolerance
+    if tolerance is None:
+        result["verdict"] = "lossy by construction (integer zero points): see ppl_change and zero_rounding"
+    elif result["relative"] <= tolerance and torch.isfinite(torch.tensor(result["relative"])):
+        result["verdict"] = "pass"
+    else:
+        raise UserError(f"verification failed: the merged model's logits differ from the unmerged model's by "
+                        f"{result['relative']:.2e} of the largest logit (tolerance {tolerance:.0e}); "
+                        "nothing was written")
+    return result
+
+
+def load_merged(out: Path, fmt: str, device):
+    """The merged output as its users load it: the toolkit's loader for qalora and gptq, and
+    transformers' GGUF loader (which dequantizes to float32) for gguf."""
+    if fmt == "gguf":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=GGUF_NAME, dtype=torch.float32)
+        return model.to(device).eval()
+    from ..models.quantized_io import load_quantized
+
+    return load_quantized(out, device, torch.float32)[0]
