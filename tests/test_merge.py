@@ -98,10 +98,11 @@ def make_adapter(base_dir, out_dir, rank=8, seed=0, b_std=0.5, targets="all-line
 def bases(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     out = {}
-    for name, kw in {"act": dict(act_order=True), "g64": dict(group_size=64)}.items():
+    for name, kw in {"act": dict(act_order=True), "g64": dict(group_size=64), "g32": {}}.items():
         quantize(validate(tiny_config_dict(tiny_model_dir, root / name, **kw), "t"), show_progress=False)
         out[name] = root / name
     out["adapter"] = make_adapter(out["act"], root / "adapter")
+    out["adapter_g32"] = make_adapter(out["g32"], root / "adapter_g32", seed=1, b_std=0.2)
     return out
 
 
@@ -191,3 +192,25 @@ def test_a_sharded_base_merges_shard_by_shard(tiny_model_dir, tmp_path):
     renamed = {k.replace(".qzeros", ".zeros") if ("q_proj" in k or "down_proj" in k) else k: v
                for k, v in index_in.items()}
     assert renamed == index_out  # only the targets' zero points changed, each in its own shard
+
+
+def test_gguf_format_reads_back_as_the_exact_merge(bases, tmp_path):
+    out = tmp_path / "gguf"
+    r = merge_cli(bases["g32"], bases["adapter_g32"], out, "--format", "gguf")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "merge_report.json").read_text())
+    # The gguf package's own dequantization: every weight within the fp16 rounding of m = -s z'.
+    g = report["gguf_weights"]
+    assert g["tensors"] == 14 + 7 and g["max_ratio_to_bound"] <= 1.0
+    # transformers' GGUF loader: the logits of the unmerged model, to fp16 rounding of m.
+    v = report["verification"]
+    assert v["verdict"] == "pass" and v["relative"] < 1e-2 and v["top1_agreement"] >= 0.97  # near-ties flip
+    assert (out / "model.gguf").is_file() and (out / "Modelfile").read_text() == "FROM ./model.gguf\n"
+
+
+def test_gguf_refuses_act_order_groups_in_one_line(bases, tmp_path):
+    out = tmp_path / "gguf"
+    r = merge_cli(bases["act"], bases["adapter"], out, "--format", "gguf")
+    assert r.exit_code == 2 and not out.exists()
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error:") and "contiguous groups" in line and "act-order" in line

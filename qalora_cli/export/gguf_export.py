@@ -215,6 +215,7 @@ def _add_tokenizer_kv(w: gguf.GGUFWriter, tokenizer, n_vocab: int, pre: str | No
     if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
         kind, pre = "gpt2", pre or _bpe_pre(tokenizer, spec)
         tokens, types = _byte_level_vocab(tokenizer, n_vocab)
+        w.add_add_space_prefix(False)  # as llama.cpp writes for byte-level BPE
     elif model.get("type") == "BPE" and model.get("byte_fallback"):
         kind, pre = "llama", "default"
         tokens, scores, types = _llama_vocab(tokenizer, merges, n_vocab)

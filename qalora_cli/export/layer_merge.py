@@ -6,7 +6,6 @@ disagrees) is checked from tensor shapes alone, before anything is read or writt
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from ..errors import UserError
 from ..lora.adapter_io import ADAPTER_WEIGHTS
 from ..lora.merge import merge_zero_points
+from ..models.safetensors_stream import StreamReader
 from ..quant.gptq_format import decode_qzeros
 from .checkpoint_reader import CheckpointReader
 
@@ -21,14 +21,12 @@ LAYER_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class LayerMerger:
-    def __init__(self, base: CheckpointReader, adapter_dir: str | Path, adapter_config: dict, bits: int):
-        from safetensors import safe_open
-
-        self.base, self.config, self.bits = base, adapter_config, bits
+    def __init__(self, base: CheckpointReader, adapter_dir: str | Path, adapter_config: dict, bits: int,
+                 group_size: int):
+        self.base, self.config, self.bits, self.group_size = base, adapter_config, bits, group_size
         self.targets: list[str] = list(adapter_config["targets"])
         self.scaling = float(adapter_config["scaling"])
-        self._stack = ExitStack()
-        self._adapter = self._stack.enter_context(safe_open(Path(adapter_dir) / ADAPTER_WEIGHTS, "pt"))
+        self._adapter = StreamReader(Path(adapter_dir) / ADAPTER_WEIGHTS)
         self.check()
 
     def check(self) -> None:
@@ -46,8 +44,8 @@ class LayerMerger:
                                     "GPTQ base the adapter was trained on")
                 raise UserError(f"{t} lacks {', '.join(lacking)} in the model's weights")
             groups, out = self.base.shape(f"{t}.scales")
-            a = tuple(self._adapter.get_slice(f"{t}.lora_A").get_shape())
-            b = tuple(self._adapter.get_slice(f"{t}.lora_B").get_shape())
+            a = self._adapter.entries[f"{t}.lora_A"][1]
+            b = self._adapter.entries[f"{t}.lora_B"][1]
             if a != (rank, groups) or b != (out, rank):
                 raise UserError(f"adapter of {t}: A {a} and B {b} do not fit rank {rank} and the layer's "
                                 f"{groups} groups x {out} outputs (group size {self.config['group_size']} in "
@@ -57,12 +55,12 @@ class LayerMerger:
         """(z, z') [groups, out] of one target layer; z' in float64."""
         scales = self.base.get(f"{target}.scales").float()
         zeros = decode_qzeros(self.base.get(f"{target}.qzeros"), self.bits, scales.shape[1])
-        a = self._adapter.get_tensor(f"{target}.lora_A")
-        b = self._adapter.get_tensor(f"{target}.lora_B")
+        a = self._adapter.get(f"{target}.lora_A")
+        b = self._adapter.get(f"{target}.lora_B")
         return zeros, merge_zero_points(zeros, scales, self.base.get(f"{target}.g_idx"), a, b, self.scaling, target)
 
     def close(self) -> None:
-        self._stack.close()
+        self._adapter.close()
 
     def __enter__(self) -> "LayerMerger":
         return self

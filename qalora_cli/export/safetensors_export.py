@@ -14,7 +14,7 @@ import torch
 
 from ..lora.merge import round_zeros
 from ..models.quantized_io import MERGED_QUANT_METHOD
-from ..models.safetensors_stream import StreamWriter, dtype_from_code
+from ..models.safetensors_stream import StreamWriter
 from ..quant.gptq_format import encode_qzeros
 from .layer_merge import LayerMerger
 
@@ -39,7 +39,7 @@ def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_la
                 else:
                     entries.append((key, torch.int32, reader.shape(key), key, prefix))
             else:
-                entries.append((key, dtype_from_code(reader.dtype_code(key)), reader.shape(key), key, None))
+                entries.append((key, reader.dtype(key), reader.shape(key), key, None))
         entries.sort(key=lambda e: e[0])
         with StreamWriter(out_dir / f.name, [e[:3] for e in entries], reader.metadata(f)) as w:
             for name, _, _, key, layer in entries:

@@ -1,9 +1,13 @@
-"""Write a safetensors file one tensor at a time.
+"""Read and write safetensors files one tensor at a time.
 
 `safetensors.torch.save_file` wants every tensor in memory at once: merging a 70B-class model
 that way needs the model twice. The format is simple (an 8-byte little-endian header length, a
 JSON header with each tensor's dtype, shape and byte range, then the bytes in that order), so
-the header is planned from shapes alone and each tensor is written as it is made."""
+the header is planned from shapes alone and each tensor is written as it is made.
+
+Reading uses plain file reads into a fresh buffer rather than safetensors' memory map: mapped
+pages that were read stay counted in the process's memory, so a streamed pass over a large
+checkpoint would look (and, under memory pressure, act) as if it held the whole file."""
 
 from __future__ import annotations
 
@@ -21,8 +25,38 @@ DTYPE_CODES = {
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
-def dtype_from_code(code: str) -> torch.dtype:
-    return CODE_DTYPES[code]
+class StreamReader:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "rb")
+        try:
+            (n,) = struct.unpack("<Q", self._fh.read(8))
+            if n > 100 << 20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(self._fh.read(n))
+            self._base = 8 + n
+            self.meta = header.pop("__metadata__", None) or {}
+            self.entries = {k: (CODE_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+                            for k, v in header.items()}
+        except Exception:
+            self._fh.close()
+            raise
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, (begin, end) = self.entries[name]
+        buf = bytearray(end - begin)
+        self._fh.seek(self._base + begin)
+        if self._fh.readinto(buf) != len(buf):
+            raise ValueError(f"{self.path}: {name} is cut short")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class StreamWriter:

@@ -81,7 +81,8 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
     report = {"format": m.format, "base": str(base), "adapter": str(adapter_dir), "output": str(out),
               "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": bool(qc.get("desc_act")),
               "rank": adapter_cfg["rank"], "alpha": adapter_cfg["alpha"], "layers": len(adapter_cfg["targets"])}
-    with CheckpointReader(base) as reader, LayerMerger(reader, adapter_dir, adapter_cfg, qc["bits"]) as merger, \
+    with CheckpointReader(base) as reader, LayerMerger(reader, adapter_dir, adapter_cfg, qc["bits"],
+                                                                   qc["group_size"]) as merger, \
             atomic_output_dir(out, overwrite) as tmp:
         t_checked = time.perf_counter()
         with block_progress("merging layers", enabled=show_progress) as show:
