@@ -108,7 +108,7 @@ def test_sharded_checkpoint_round_trip(tiny_model_dir, tmp_path):
 def test_loader_refuses_what_it_cannot_read(tiny_model_dir, tmp_path):
     from qalora_cli.errors import UserError
 
-    with pytest.raises(UserError, match="not a GPTQ checkpoint"):
+    with pytest.raises(UserError, match="not a quantized checkpoint"):
         load_quantized(tiny_model_dir)
     with pytest.raises(UserError, match="no config.json"):
         load_quantized(tmp_path)
