@@ -77,3 +77,24 @@ def test_every_group_layout_matches_float64(kind):
     y.backward(dy)
     torch.testing.assert_close(x.grad.double(), dy.double() @ W, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.dequantize_weight(torch.float64), W, rtol=1e-6, atol=1e-6)
+
+
+def test_the_inference_weight_cache_gives_the_same_output_and_follows_changes():
+    from qalora_cli.kernels.torch_quant_linear import cache_inference_weights
+
+    g = torch.Generator().manual_seed(0)
+    layer = TorchQuantLinear(64, 32, 4, 32, zero_kind="float", dtype=torch.float32)
+    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, generator=g, dtype=torch.int32))
+    layer.scales.copy_(torch.rand(2, 32, generator=g))
+    layer.g_idx.copy_(torch.arange(64) // 32)
+    x = torch.randn(3, 64, generator=g)
+    plain = layer(x)
+    model = torch.nn.Sequential(layer)
+    assert cache_inference_weights(model, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain) and layer._cache is not None
+        layer.zeros.add_(0.5)  # an in-place change must invalidate the cached weight
+        # every weight of group j in row o moved by -0.5 s[j, o]
+        expected = plain - 0.5 * x.view(3, 2, 32).sum(-1) @ layer.scales
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert not cache_inference_weights(model, torch.float32, budget_gib=1e-9) and layer._cache is None

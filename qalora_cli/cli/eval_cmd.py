@@ -113,6 +113,9 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
 
             attach_adapter(loaded, config, tensors)
             loaded.to(dev)
+        from ..kernels.torch_quant_linear import cache_inference_weights
+
+        cache_inference_weights(loaded, torch_dtype)  # scoring would rebuild every weight per batch
         return loaded.eval(), tokenizer, f"{path}" + (f" + adapter {adapter}" if adapter else "")
 
     if config is not None:

@@ -43,7 +43,10 @@ def run_probe(model, probe: Probe) -> dict:
 
     from ..eval.perplexity import perplexity
 
+    from ..kernels.torch_quant_linear import cache_inference_weights
+
     device = next(model.parameters()).device
+    cache_inference_weights(model, torch.float32)  # generation would rebuild every weight per token
     logits = [model(input_ids=p[None].to(device)).logits[0].float().cpu() for p in probe.prompts]
     greedy = []
     if probe.generate_tokens:

@@ -122,6 +122,17 @@ class TorchQuantLinear(nn.Module):
         g = self.g_idx.long()  # scattered groups of unequal sizes: gather per weight
         return ((codes.float() - zeros[g]) * scales[g]).to(dtype)
 
+    def _inference_weight(self, dtype: torch.dtype, by_group: bool) -> torch.Tensor:
+        """W~ for a forward pass without gradients: rebuilt each time, or kept once built when
+        `cache_weight` is on (generation calls every layer once per token, and the rebuild
+        then costs more than the matmul; the price is a full-precision copy of the layer)."""
+        if not getattr(self, "cache_weight", False):
+            return self._weight_in_out(dtype, by_group)
+        key = (dtype, by_group, self.qweight.device, tuple(b._version for b in self.buffers(recurse=False)))
+        if getattr(self, "_cache_key", None) != key:
+            self._cache, self._cache_key = self._weight_in_out(dtype, by_group), key
+        return self._cache
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W~ [out, in] in `dtype` (default: the scales')."""
         return self._weight_in_out(dtype or self.scales.dtype).t()
@@ -134,14 +145,22 @@ class TorchQuantLinear(nn.Module):
         by_group = perm is not None
         if by_group:  # x's columns in the weight rows' order; autograd scatters dx back
             x = x.index_select(-1, perm)
-        y = _DequantMatmul.apply(x, self, by_group) if torch.is_grad_enabled() and x.requires_grad \
-            else torch.matmul(x, self._weight_in_out(x.dtype, by_group))
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _DequantMatmul.apply(x, self, by_group)
+        else:
+            y = torch.matmul(x, self._inference_weight(x.dtype, by_group))
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def set_weight_cache(self, enabled: bool) -> None:
+        self.cache_weight = enabled
+        if not enabled:
+            self._cache = self._cache_key = None
 
     def _apply(self, fn, recurse=True):
         """Float zero points stay float32 through `.to(dtype)`, `.half()` and the like: merged
         zeros are fractional, and float16 would round them by up to 2^-8 of a step, shifting
         every weight of the group. They follow the module across devices as usual."""
+        self._cache = self._cache_key = None
         zeros = self._buffers.pop("zeros", None) if self.zero_kind == "float" else None
         try:
             super()._apply(fn, recurse)
@@ -154,3 +173,15 @@ class TorchQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, zeros={self.zero_kind}")
+
+
+def cache_inference_weights(model: nn.Module, dtype: torch.dtype, budget_gib: float = 4.0) -> bool:
+    """Keep each TorchQuantLinear's rebuilt weight between no-grad forwards when all of them
+    together fit in `budget_gib` (evaluation and generation of small models on the CPU: several
+    times faster). -> whether the cache is on."""
+    layers = [m for m in model.modules() if isinstance(m, TorchQuantLinear)]
+    size = sum(m.in_features * m.out_features for m in layers) * torch.empty((), dtype=dtype).element_size()
+    enabled = size <= budget_gib * (1 << 30)
+    for m in layers:
+        m.set_weight_cache(enabled)
+    return enabled
