@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import adapter_cmd, config_cmd, eval_cmd, finetune_cmd, merge_cmd, quantize_cmd  # noqa: E402
+from . import adapter_cmd, config_cmd, eval_cmd, eval_ppl, finetune_cmd, merge_cmd, quantize_cmd  # noqa: E402,F401
 
 app.add_typer(config_cmd.config_app, name="config")
 app.add_typer(adapter_cmd.adapter_app, name="adapter")

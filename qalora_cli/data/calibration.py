@@ -32,7 +32,7 @@ def _texts(c: CalibrationSection, chars_needed: int) -> list[str]:
             ds = datasets.load_dataset(c.dataset, c.dataset_config, split=c.split, streaming=True)
         except Exception as e:
             raise UserError(f"could not load calibration dataset '{c.dataset}': {str(e).splitlines()[0]}") from e
-        return _take_field(ds, c.text_field, chars_needed, c.dataset)
+        return take_field(ds, c.text_field, chars_needed, c.dataset)
     texts: list[str] = []
     for p in map(Path, c.paths):
         if not p.is_file():
@@ -41,18 +41,18 @@ def _texts(c: CalibrationSection, chars_needed: int) -> list[str]:
             import datasets
 
             ds = datasets.load_dataset(TEXT_SUFFIXES[p.suffix], data_files=str(p), split="train")
-            texts += _take_field(ds, c.text_field, None, str(p))
+            texts += take_field(ds, c.text_field, None, str(p))
         else:
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
     return texts
 
 
-def _take_field(ds, field: str, chars_needed: int | None, name: str) -> list[str]:
+def take_field(ds, field: str, chars_needed: int | None, name: str,
+               hint: str = "set calibration.text_field") -> list[str]:
     out, total = [], 0
     for row in ds:
         if field not in row:
-            raise UserError(f"calibration data '{name}' has no field '{field}'; fields: {', '.join(row)}; "
-                            "set calibration.text_field")
+            raise UserError(f"the data '{name}' has no field '{field}'; fields: {', '.join(row)}; {hint}")
         out.append(str(row[field]))
         total += len(out[-1])
         if chars_needed is not None and total >= chars_needed:
