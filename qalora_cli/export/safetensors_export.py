@@ -47,7 +47,8 @@ def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_la
                     w.write(name, reader.get(key))
                     continue
                 z, z_merged = merger.zeros_before_after(layer)
-                row = {"layer": layer, "max_zero_move": round(float((z_merged - z).abs().max()), 6)}
+                row = {"layer": layer, "zero_points": z.numel(),
+                       "max_zero_move": round(float((z_merged - z).abs().max()), 6)}
                 if fmt == "qalora":
                     w.write(name, z_merged.float())
                 else:

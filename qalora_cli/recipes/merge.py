@@ -125,9 +125,11 @@ def _every_tenth(show, total: int):
 
 
 def _rounding_summary(rows: list[dict]) -> dict:
+    """Over all merged zero points (layers weighted by their number of zero points)."""
+    n = sum(r["zero_points"] for r in rows)
     return {"max_zero_shift": max(r["max_zero_shift"] for r in rows),
-            "mean_zero_shift": sum(r["mean_zero_shift"] for r in rows) / len(rows),
-            "clamped_share": sum(r["clamped_share"] for r in rows) / len(rows)}
+            "mean_zero_shift": sum(r["mean_zero_shift"] * r["zero_points"] for r in rows) / n,
+            "clamped_share": sum(r["clamped_share"] * r["zero_points"] for r in rows) / n}
 
 
 def verify(cfg: RunConfig, base: Path, adapter_dir: Path, out: Path, fmt: str, device) -> dict:
