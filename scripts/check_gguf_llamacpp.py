@@ -48,11 +48,11 @@ print(json.dumps(out))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", type=Path, help="a `qalora merge --format gguf` output")
+    p.add_argument("folder", type=Path, help="a `qalora merge --format gguf` output, or any .gguf file (a control)")
     p.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python installed")
     p.add_argument("--new-tokens", type=int, default=32)
     args = p.parse_args()
-    gguf_file = args.folder / "model.gguf"
+    gguf_file = args.folder if args.folder.is_file() else args.folder / "model.gguf"
     run = subprocess.run([args.llama_python, "-c", WORKER, str(gguf_file), json.dumps(PROMPTS), str(args.new_tokens)],
                          check=True, capture_output=True, text=True)
     theirs = json.loads(run.stdout)
@@ -60,8 +60,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.folder, gguf_file="model.gguf")
-    model = AutoModelForCausalLM.from_pretrained(args.folder, gguf_file="model.gguf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     print(f"llama.cpp (llama-cpp-python) vs transformers' GGUF loader on {gguf_file}")
     for prompt, t in zip(PROMPTS, theirs):
         ids = tok(prompt)["input_ids"]
