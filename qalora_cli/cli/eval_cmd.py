@@ -72,7 +72,9 @@ def _is_quantized_folder(path: Path) -> bool:
         qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(qc, dict) and qc.get("quant_method") in ("gptq", "qalora")
+    from ..models.quantized_io import MERGED_QUANT_METHOD
+
+    return isinstance(qc, dict) and qc.get("quant_method") in ("gptq", MERGED_QUANT_METHOD)
 
 
 def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype: str):

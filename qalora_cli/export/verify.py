@@ -33,7 +33,8 @@ def make_probe(tokenizer, prompts: int, prompt_tokens: int, generate_tokens: int
                                                                                       + ppl_tokens + 1])
     cut = [ids[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(prompts)]
     rest = ids[prompts * prompt_tokens:]
-    return Probe(cut, generate_tokens, rest if ppl_tokens and rest.numel() > 257 else None)
+    enough = ppl_tokens and rest.numel() > Probe.ppl_seq_len + 1
+    return Probe(cut, generate_tokens, rest if enough else None)
 
 
 @torch.no_grad()
