@@ -68,13 +68,13 @@ def mmlu_cmd(
 
 def _is_quantized_folder(path: Path) -> bool:
     """A GPTQ checkpoint or a merged (qalora-format) one: both load with load_quantized."""
-    try:
-        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    from ..models.quantized_io import MERGED_QUANT_METHOD
+    from ..models.quantized_io import MERGED_QUANT_METHOD, quant_method_of, read_model_config
 
-    return isinstance(qc, dict) and qc.get("quant_method") in ("gptq", MERGED_QUANT_METHOD)
+    try:
+        config = read_model_config(path)
+    except UserError:
+        return False
+    return quant_method_of(config) in ("gptq", MERGED_QUANT_METHOD)
 
 
 def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype: str):

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from ..models.quantized_io import weight_files
+from ..models.quantized_io import read_model_config, weight_files
 from ..quant.groups import GroupLayout
 from .adapter_io import FORMAT, checkpoint_sha256, read_adapter
 
@@ -29,9 +29,7 @@ def base_layer_facts(base_dir: str | Path) -> tuple[dict, dict[str, tuple[int, i
     from safetensors import safe_open
 
     base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise UserError(f"'{base_dir}' is not a quantized model folder (no config.json)")
-    qc = json.loads((base_dir / "config.json").read_text()).get("quantization_config") or {}
+    qc = read_model_config(base_dir).get("quantization_config") or {}
     facts = {}
     for f in weight_files(base_dir):
         with safe_open(f, "pt") as sf:

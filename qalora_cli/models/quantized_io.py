@@ -22,6 +22,24 @@ from ..quant.result import QuantizedWeight
 MERGED_QUANT_METHOD = "qalora"  # float zero points: no GPTQ reader may take these files for its own
 
 
+def read_model_config(path: str | Path) -> dict:
+    """A model folder's config.json as a dict (UserError when it is missing or not JSON)."""
+    f = Path(path) / "config.json"
+    try:
+        config = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise UserError(f"'{path}' is not a model folder (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{f}' could not be read: {e}") from None
+    return config if isinstance(config, dict) else {}
+
+
+def quant_method_of(config: dict) -> str | None:
+    """'gptq', 'qalora' (merged), another method's name, or None for an unquantized model."""
+    qc = config.get("quantization_config")
+    return qc.get("quant_method") if isinstance(qc, dict) else None
+
+
 def gptq_quantization_config(q: QuantizeSection) -> dict:
     return {
         "quant_method": "gptq",

@@ -24,6 +24,7 @@ from ..export.layer_merge import LayerMerger
 from ..export.safetensors_export import merged_quantization_config, write_merged_safetensors, write_side_files
 from ..export.verify import EXACT_RELATIVE_TOLERANCE, compare, make_probe, run_probe, unmerged_model
 from ..lora.adapter_io import check_base, checkpoint_sha256, read_adapter_config
+from ..models.quantized_io import MERGED_QUANT_METHOD, quant_method_of, read_model_config
 from ..output_dir import atomic_output_dir, check_writable
 from ..progress import block_progress
 
@@ -49,15 +50,12 @@ def _peak_rss_mib() -> float:
 
 
 def _base_quantization(base: Path) -> dict:
-    try:
-        config = json.loads((base / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"'{base}' is not a quantized model folder ({e.__class__.__name__} reading config.json)")
-    qc = config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
-        what = "a merged model" if isinstance(qc, dict) and qc.get("quant_method") == "qalora" else "not GPTQ"
+    config = read_model_config(base)
+    method = quant_method_of(config)
+    if method != "gptq":
+        what = "a merged model" if method == MERGED_QUANT_METHOD else "not GPTQ"
         raise UserError(f"'{base}' is {what}: merge onto the GPTQ checkpoint the adapter was trained on")
-    return {**qc, "model_type": config.get("model_type")}
+    return {**config["quantization_config"], "model_type": config.get("model_type")}
 
 
 def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> dict:
