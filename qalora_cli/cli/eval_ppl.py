@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .eval_cmd import DTYPE_HELP, eval_app, load_eval_model
+from .eval_cmd import DTYPE_HELP, KERNEL_HELP, eval_app, load_eval_model
 
 
 @eval_app.command("ppl")
@@ -29,6 +29,7 @@ def ppl_cmd(
     batch_size: int = typer.Option(4, help="windows per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    kernel: str = typer.Option("auto", help=KERNEL_HELP),
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="write the result to this JSON file"),
 ) -> None:
     """Perplexity of held-out text by sliding window (each token scored once)."""
@@ -43,7 +44,7 @@ def ppl_cmd(
 
     body, desc = load_text(text, text_config, split, text_field)  # a bad text fails before the model loads
     quiet_library_logs()
-    loaded, tokenizer, name = load_eval_model(model, adapter, device, dtype)
+    loaded, tokenizer, name = load_eval_model(model, adapter, device, dtype, kernel)
     import time
 
     import torch

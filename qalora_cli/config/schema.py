@@ -140,6 +140,8 @@ class TrainSection(Section):
         "auto", description="auto: paged_adamw_32bit on CUDA with bitsandbytes (as QLoRA and the paper's code), "
                             "else torch AdamW")
     gradient_checkpointing: bool = False
+    kernel: Literal["auto", "torch", "triton", "gptqmodel"] = Field(
+        "auto", description="the quantized layers' kernel: auto (triton on CUDA, else torch) or one by name")
     eval_every: int = Field(50, ge=1, description="held-out loss every N steps")
     save_every: int = Field(50, ge=1, description="a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1)

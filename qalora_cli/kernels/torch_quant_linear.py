@@ -58,6 +58,15 @@ class TorchQuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        # The kernel computing x W~^T: "torch" is this module's own code (the reference);
+        # kernels.registry.use_backend puts another backend here.
+        self.backend_name, self._backend = "torch", None
+
+    def set_backend(self, name: str, backend) -> None:
+        """name and object from kernels.registry (None: the torch reference below)."""
+        self.backend_name, self._backend = name, backend
+        if backend is not None:
+            self.set_weight_cache(False)   # fused kernels never hold a dequantized weight
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -141,6 +150,9 @@ class TorchQuantLinear(nn.Module):
         # Under autocast, compute in the autocast dtype, as nn.Linear would.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self._backend is not None:
+            y = self._backend.forward(self, x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         _, perm = self._group_order()
         by_group = perm is not None
         if by_group:  # x's columns in the weight rows' order; autograd scatters dx back
@@ -152,7 +164,7 @@ class TorchQuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def set_weight_cache(self, enabled: bool) -> None:
-        self.cache_weight = enabled
+        self.cache_weight = enabled and self._backend is None
         if not enabled:
             self._cache = self._cache_key = None
 
@@ -172,7 +184,7 @@ class TorchQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, zeros={self.zero_kind}")
+                f"group_size={self.group_size}, zeros={self.zero_kind}, kernel={self.backend_name}")
 
 
 def cache_inference_weights(model: nn.Module, dtype: torch.dtype, budget_gib: float = 4.0) -> bool:

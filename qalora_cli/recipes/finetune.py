@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -140,6 +141,11 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
     base_sha = checkpoint_sha256(base_dir)
     torch.manual_seed(t.seed)  # the same adapter initialization on every process
     adapters = inject_qalora(model, cfg.lora)
+    from ..kernels.registry import use_backend
+
+    kernels = use_backend(model, t.kernel, model_dtype, need_grad=True)
+    if acc.is_main_process:
+        print(kernels.summary(), file=sys.stderr)
     if t.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
