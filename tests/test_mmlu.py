@@ -312,6 +312,13 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "no model at" in r.output
     r = runner.invoke(app, ["eval", "mmlu", "--model", str(tiny_model_dir), "--source", str(tmp_path)])
     assert r.exit_code == 2 and "is not an MMLU folder" in r.output
+    broken = tmp_path / "broken"   # a config but no weights: found, yet not loadable
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    r = runner.invoke(app, ["eval", "mmlu", "--model", str(broken), "--limit", "1"])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "could not load the model" in r.output
+    r = runner.invoke(app, ["eval", "mmlu", "--model", str(tiny_model_dir), "--kernel", "triton", "--limit", "1"])
+    assert r.exit_code == 2 and "kernels apply to quantized layers" in r.output
 
 
 def test_cli_end_to_end_matches_the_library(tiny_model_dir, tmp_path):

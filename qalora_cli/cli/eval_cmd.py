@@ -122,7 +122,9 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
         from ..kernels.registry import use_backend
         from ..kernels.torch_quant_linear import cache_inference_weights
 
-        print(use_backend(loaded, kernel, torch_dtype).summary(), file=sys.stderr)
+        chosen = use_backend(loaded, kernel, torch_dtype)
+        if kernel != "auto" or set(chosen.chosen) != {"torch"}:  # the plain CPU case goes unsaid
+            print(chosen.summary(), file=sys.stderr)
         cache_inference_weights(loaded, torch_dtype)  # torch layers would rebuild every weight per batch
         return loaded.eval(), tokenizer, f"{path}" + (f" + adapter {adapter}" if adapter else "")
 

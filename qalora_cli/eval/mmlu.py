@@ -18,7 +18,8 @@ Speed, without changing any number beyond float rounding:
   letters whose tokens differ only in the last one), so each distinct input is run once and
   all the choices read their log-probabilities from it: one forward pass per question;
 - inputs are batched longest first with right padding (causal attention never looks right,
-  so padding needs no mask), and only the needed positions go through the LM head;
+  so padding needs no mask), over all subjects at once where no prefix is cached (as lm-eval
+  batches its requests), and only the needed positions go through the LM head;
 - with few-shot prompts the subject's questions share a long token prefix; it is run once
   and its KV cache is repeated over each batch, so only the question part is computed.
 """
@@ -218,6 +219,14 @@ def shared_prefix(rows: list[_Row]) -> int:
     return max(n, 0)
 
 
+def _batches(rows: list[_Row], size: int):
+    """Longest first, as lm-eval: running out of memory shows at once, and lengths within a
+    batch are close (little padding)."""
+    ordered = sorted(rows, key=lambda r: (-len(r.tokens), r.tokens))
+    for s in range(0, len(ordered), size):
+        yield ordered[s:s + size]
+
+
 @torch.no_grad()
 def score_questions(model, tokenizer, prompts: list[str], groups: list[str] | None = None, batch_size: int = 16,
                     prefix_cache: bool | None = None, max_length: int | None = None,
@@ -239,26 +248,28 @@ def score_questions(model, tokenizer, prompts: list[str], groups: list[str] | No
     was_training = model.training
     model.eval()
     try:
-        # One group (subject) at a time: its token lists are all that is held in memory.
+        # Rows that share no cacheable prefix with their group (0-shot) are pooled over all
+        # groups and batched by length together, as lm-eval batches its requests: per subject,
+        # each subject's last batch would be a partial one.
+        pooled: list[_Row] = []
         for ids in by_group.values():
             rows = build_rows(encode_pairs(tokenizer, [prompts[i] for i in ids], continuations), max_length, ids)
             for r in rows:
                 for qi in {qi for qi, _, _ in r.reads}:
                     sc.rows_left[qi] += 1
-            # Longest first, as lm-eval: running out of memory shows at once, and lengths
-            # within a batch are close (little padding).
-            ordered = sorted(rows, key=lambda r: (-len(r.tokens), r.tokens))
             n = shared_prefix(rows) if prefix_cache is not False and len(rows) > 1 else 0
             cache = sc.prefix_cache(rows[0].tokens[:n]) if n and (n >= MIN_CACHED_PREFIX or prefix_cache) else None
-            for s in range(0, len(ordered), batch_size):
-                batch = ordered[s:s + batch_size]
-                if cache is None:
-                    sc.forward(batch)
-                else:
-                    past = copy.deepcopy(cache)   # the forward appends to it: the prefix stays clean
-                    past.batch_repeat_interleave(len(batch))
-                    sc.forward(batch, offset=n, past=past)
+            if cache is None:
+                pooled.extend(rows)
+                continue
+            for batch in _batches(rows, batch_size):
+                past = copy.deepcopy(cache)   # the forward appends to it: the prefix stays clean
+                past.batch_repeat_interleave(len(batch))
+                sc.forward(batch, offset=n, past=past)
                 sc.progress(sc.done, total)
+        for batch in _batches(pooled, batch_size):
+            sc.forward(batch)
+            sc.progress(sc.done, total)
     finally:
         model.train(was_training)
     return sc.ll
