@@ -1,0 +1,126 @@
+"""The decoding part of the GPU benchmark (scripts/bench_gpu.py --parts decode): greedy
+generation at batch 1 and 8, dense bf16 against the INT4 checkpoint (GPTQ zeros, merged float
+zeros, GPTQModel's kernels), and the bandwidth floor."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_gpu_parts as P  # noqa: E402  (P.DTYPE: read when used, --dtype may have set it)
+from bench_gpu_parts import (Skip, dense_config, device, one_line, peer_kernels, quant_bytes,  # noqa: E402
+                             random_dense, sync, use_kernel)
+
+
+def to_float_zeros(model) -> None:
+    """GPTQ integer zeros -> the merged format's float32 zeros, in place (what `qalora merge`
+    writes, without writing it): same codes, same scales, float zero points."""
+    from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
+    from qalora_cli.quant.gptq_format import decode_qzeros
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, TorchQuantLinear) and m.zero_kind == "int":
+            with torch.device("meta"):  # every buffer is replaced below: allocate nothing
+                new = TorchQuantLinear(m.in_features, m.out_features, m.bits, m.group_size, m.bias is not None,
+                                       "float", m.scales.dtype)
+            new.qweight, new.scales, new.g_idx = m.qweight, m.scales, m.g_idx
+            new.zeros = decode_qzeros(m.qzeros, m.bits, m.out_features).float()
+            if m.bias is not None:
+                new.bias = m.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+
+
+# ----------------------------------------------------------------------------- roles
+
+def bytes_per_step(model, batch: int, context: float) -> float:
+    """Bytes one decoding step must read from memory: every quantized layer's codes, scales and
+    zeros (or every dense weight), lm_head in full, the norms, one embedding row per sequence,
+    and each sequence's KV cache at the mean context length."""
+    from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
+
+    emb, total = model.get_input_embeddings(), 0
+    for m in model.modules():
+        if isinstance(m, TorchQuantLinear):
+            total += quant_bytes(m)
+        elif m is emb:
+            total += batch * emb.weight[0].nbytes
+        else:
+            total += sum(p.nbytes for p in m.parameters(recurse=False))
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * context * torch.finfo(P.DTYPE).bits // 8
+    return total + batch * kv
+
+
+def generation_speed(model, args, batch: int, bandwidth: float) -> dict:
+    """Greedy HF generate with its KV cache, prompt_len random tokens, new_tokens forced by
+    min_new_tokens. Decoding rate = (new_tokens - 1) steps / (time for new_tokens - time for 1),
+    so the prefill is not counted; end-to-end counts it."""
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g).to(dev)
+
+    def run(new: int) -> float:
+        sync(dev)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+        sync(dev)
+        assert out.shape[1] == args.prompt_len + new, out.shape
+        return time.perf_counter() - t
+
+    run(2)   # warm-up: autotunes the prefill and decoding shapes, allocates
+    full = statistics.median(run(args.new_tokens) for _ in range(args.reps))
+    prefill = statistics.median(run(1) for _ in range(args.reps))
+    step = (full - prefill) / (args.new_tokens - 1)
+    nbytes = bytes_per_step(model, batch, args.prompt_len + args.new_tokens / 2)
+    floor = batch * bandwidth * 1e9 / nbytes
+    return {"decode_tokens_per_s": batch / step, "e2e_tokens_per_s": batch * args.new_tokens / full,
+            "ms_per_step": 1e3 * step, "prefill_s": prefill, "generate_s": full, "bytes_per_step": nbytes,
+            "floor_tokens_per_s": floor, "pct_floor": 100 * batch / step / floor}
+
+
+def role_decode(args, prep: dict) -> dict:
+    from qalora_cli.models.quantized_io import load_quantized
+
+    dev, ckpt, out = device(args), Path(prep["checkpoint"]), {}
+    for variant in args.decode_variants:
+        print(f"[decode] {variant}", file=sys.stderr, flush=True)
+        model = None
+        try:
+            if variant == "dense":
+                model, kernels = random_dense(dense_config(ckpt), dev), f"dense {str(P.DTYPE)[6:]} (torch.matmul)"
+            else:
+                if variant == "int4-gptqmodel" and importlib.util.find_spec("gptqmodel") is None:
+                    raise Skip("gptqmodel is not installed")   # before loading 4 GB for nothing
+                model, _ = load_quantized(ckpt, dev, P.DTYPE)
+                if variant == "int4-merged":
+                    to_float_zeros(model)
+                kernels = use_kernel(model, "gptqmodel" if variant == "int4-gptqmodel" else "triton", False)
+            out[variant] = {"kernels": kernels, "batches": {
+                str(b): generation_speed(model, args, b, prep["bandwidth_gbs"]) for b in args.batches}}
+            if variant == "int4-gptqmodel":
+                out[variant]["kernels"] += f"; GPTQModel modules: {peer_kernels(model)}"
+        except Skip as e:
+            out[variant] = {"skipped": str(e)}
+        except Exception as e:
+            traceback.print_exc()
+            out[variant] = {"error": one_line(e)}
+        del model
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
