@@ -39,7 +39,7 @@ from qalora_cli.cli.common import quiet_library_logs  # noqa: E402
 from qalora_cli.cli.eval_cmd import load_eval_model  # noqa: E402
 from qalora_cli.eval.lm_eval_task import lm_eval_mmlu_task  # noqa: E402
 from qalora_cli.eval.mmlu import argmax_first, evaluate_mmlu  # noqa: E402
-from qalora_cli.eval.mmlu_data import MMLUSet, load_mmlu  # noqa: E402
+from qalora_cli.eval.mmlu_data import MMLUSet, category_of, load_mmlu  # noqa: E402
 from qalora_cli.models.source import package_dir  # noqa: E402
 
 
@@ -75,12 +75,20 @@ def summarize(ours: dict, theirs: dict) -> dict:
     if set(ours) != set(theirs):
         raise SystemExit(f"question sets differ: {len(ours)} vs {len(theirs)}")
     n = len(ours)
+    by_category: dict[str, list[int]] = {}
+    for (subject, i), (pred, _, answer) in ours.items():
+        counts = by_category.setdefault(category_of(subject), [0, 0, 0])
+        counts[0] += 1
+        counts[1] += pred == answer
+        counts[2] += theirs[(subject, i)][0] == answer
     return {
         "questions": n,
         "predictions_agree": sum(ours[k][0] == theirs[k][0] for k in ours),
         "max_loglikelihood_diff": max(max(abs(a - b) for a, b in zip(ours[k][1], theirs[k][1])) for k in ours),
         "acc_qalora": sum(v[0] == v[2] for v in ours.values()) / n,
         "acc_lm_eval": sum(theirs[k][0] == ours[k][2] for k in ours) / n,
+        "by_category": {c: {"questions": m, "acc_qalora": a / m, "acc_lm_eval": b / m}
+                        for c, (m, a, b) in sorted(by_category.items())},
     }
 
 
