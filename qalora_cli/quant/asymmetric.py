@@ -1,0 +1,79 @@
+"""Asymmetric calibration: aim each layer at the reference model's output, not at its own
+weight on the inputs the already-quantized layers give it.
+
+Sequential GPTQ minimizes |W X - W~ X|^2 with X the quantized model's inputs to the layer, so
+errors of earlier layers are never corrected, only not made worse. With X' the reference
+model's inputs for the same tokens, |W X' - W~ X|^2 = |(W_t - W~) X|^2 + const, where
+
+    W_t = W C H^-1,    C = sum_t x'_t x_t^T,  H = sum_t x_t x_t^T
+
+(normal equations), so GPTQ run on the target W_t with the usual H minimizes it (the idea of
+GPTAQ, Li et al. 2025). The GPTQ export of a merge uses it: the fine-tune's effect is small
+against the rounding noise, and letting that noise pile up block after block loses it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.blocks import BlockInputs, StopForward, linear_layers
+
+
+class CrossAccumulator:
+    """C = 2/N sum over tokens of x' x^T, normalized as HessianAccumulator's H."""
+
+    def __init__(self, in_features: int, device):
+        self.C = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
+        x_ref = x_ref.reshape(-1, x_ref.shape[-1]).to(self.C.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.C.device, torch.float32)
+        n = x.shape[0]
+        self.C *= self.tokens / (self.tokens + n)
+        self.tokens += n
+        self.C.addmm_(x_ref.t(), x, alpha=2.0 / self.tokens)
+
+
+def _layer_inputs(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The input each named layer receives, from one forward pass stopped once all have seen theirs."""
+    layers, seen = linear_layers(block), {}
+
+    def hook(name):
+        def f(_mod, args):
+            seen[name] = args[0]
+            if len(seen) == len(names):
+                raise StopForward
+        return f
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        block(hidden, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def cross_inputs(block: nn.Module, ref_block: nn.Module, names: list[str], inputs: BlockInputs,
+                 ref_inputs: BlockInputs) -> dict[str, CrossAccumulator]:
+    """C per named layer, pairing the reference block's inputs with this block's, token by token."""
+    accs: dict[str, CrossAccumulator] = {}
+    for hidden, ref_hidden, kw in zip(inputs.hidden, ref_inputs.hidden, inputs.kwargs):
+        mine = _layer_inputs(block, names, hidden, kw)
+        ref = _layer_inputs(ref_block, names, ref_hidden, kw)
+        for n in names:
+            accs.setdefault(n, CrossAccumulator(mine[n].shape[-1], mine[n].device)).add(ref[n], mine[n])
+    return accs
+
+
+def asymmetric_target(weight: torch.Tensor, C: torch.Tensor, H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """W_t = W C (H + damp)^-1 [out, in], in float64 for the solve."""
+    Hd = H.double() + damp_percent * torch.diag(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64,
+                                                                              device=H.device)
+    rhs = (weight.double().to(H.device) @ C.double()).t()           # (W C)^T = H_d W_t^T
+    return torch.linalg.solve(Hd, rhs).t().to(torch.float32)

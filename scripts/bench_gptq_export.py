@@ -1,0 +1,157 @@
+"""What each merged export keeps of a fine-tune, side by side (issue 13's table).
+
+For one config whose base and adapter exist (`qalora quantize` and `qalora finetune` with it),
+each variant is merged (`qalora merge --format F overrides...`, in its own process) and scored
+on the fine-tune's own held-out task, greedy, float32:
+  - exact match on `--examples` held-out records, and answers equal to the unmerged model's;
+  - the held-out answer loss (response tokens of `--loss-examples` records) and the share of
+    the adapter's gain it keeps: (loss_base - loss_export) / (loss_base - loss_unmerged);
+  - perplexity on the built-in held-out text; the merge's own logit comparison; size; time.
+Results are saved per variant in the output JSON; a re-run skips the variants already there.
+
+    .venv/bin/python scripts/bench_gptq_export.py --config smollm2-135m-int4-gguf \\
+        --variant exact:qalora --variant nearest:gptq:merge.rounding=nearest --variant scales:gptq --variant codes:gptq:merge.rounding=codes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qalora_cli.cli.common import quiet_library_logs  # noqa: E402
+from qalora_cli.config.loader import load_config  # noqa: E402
+from qalora_cli.data.instruct import collate, load_records, prompt_and_reference, tokenize_records  # noqa: E402
+from qalora_cli.eval.exact_match import exact_match, generate_responses  # noqa: E402
+from qalora_cli.export.verify import unmerged_model  # noqa: E402
+from qalora_cli.kernels.torch_quant_linear import cache_inference_weights  # noqa: E402
+from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
+from qalora_cli.recipes.merge import merge_paths  # noqa: E402
+
+QALORA = str(ROOT / ".venv/bin/qalora")
+
+
+def load(folder: Path):
+    if (folder / "model.gguf").is_file():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32).eval()
+    return load_quantized(folder, "cpu", torch.float32)[0]
+
+
+@torch.no_grad()
+def answer_loss(model, examples, pad_id: int) -> float:
+    """Mean cross-entropy over the response tokens of the held-out examples."""
+    total, n = 0.0, 0
+    for i in range(0, len(examples), 8):
+        b = collate(examples[i:i + 8], pad_id)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                         ignore_index=-100, reduction="sum"))
+        n += int((labels != -100).sum())
+    return total / n
+
+
+def perplexity_of(model, tok, tokens: int) -> float:
+    from qalora_cli.data.builtin_text import heldout_text
+    from qalora_cli.eval.perplexity import perplexity
+
+    ids = torch.tensor(tok(heldout_text(), add_special_tokens=False)["input_ids"][:tokens + 1])
+    return perplexity(model, ids, seq_len=512, batch_size=4)["ppl"]
+
+
+def score(model, tok, pairs, examples, ppl_tokens: int) -> dict:
+    cache_inference_weights(model, torch.float32)
+    preds = generate_responses(model, tok, [q for q, _ in pairs], 48)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return {"exact_match": exact_match(preds, [r for _, r in pairs]), "answers": preds,
+            "answer_loss": answer_loss(model, examples, pad), "ppl": perplexity_of(model, tok, ppl_tokens)}
+
+
+def merge(config: str, name: str, fmt: str, overrides: list[str], out: Path) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run([QALORA, "merge", "--config", config, "--format", fmt, "--output", str(out), "--overwrite",
+                        "merge.device=cpu", *overrides], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"merge {name} failed: {r.stderr.strip().splitlines()[-1]}")
+    report = json.loads((out / "merge_report.json").read_text())
+    size = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".safetensors", ".gguf"))
+    return {"wall_s": round(time.perf_counter() - t0, 1), "size_mb": round(size / 1e6, 1),
+            "verification": report.get("verification"), "zero_rounding": report.get("zero_rounding"),
+            "refit": (report.get("refit") or {}).get("summary"), "seconds": report.get("seconds")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--variant", action="append", default=[], help="name:format[:override,override...]")
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--loss-examples", type=int, default=100)
+    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--output", type=Path)
+    args = p.parse_args()
+    quiet_library_logs()
+    cfg = load_config(args.config, [])
+    base, adapter, merged_default = merge_paths(cfg)
+    out_json = args.output or ROOT / f"out/bench/gptq_export_{Path(args.config).stem}.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    _, eval_records, _ = load_records(cfg.data)
+    pairs = [prompt_and_reference(r, cfg.data.format, cfg.data.template, tok) for r in eval_records[:args.examples]]
+    examples, _ = tokenize_records(eval_records[:args.loss_examples], tok, cfg.data)
+
+    def save():
+        out_json.write_text(json.dumps(results, indent=1) + "\n")
+
+    for name, make in (("base (no adapter)", lambda: load_quantized(base, "cpu", torch.float32)[0]),
+                       ("unmerged", lambda: unmerged_model(base, adapter, "cpu"))):
+        if name not in results:
+            results[name] = score(make(), tok, pairs, examples, args.ppl_tokens)
+            save()
+    for spec in args.variant:
+        name, fmt, *rest = spec.split(":", 2)
+        if name in results:
+            continue
+        overrides = rest[0].split(",") if rest and rest[0] else []
+        out = ROOT / f"out/bench/export-{Path(args.config).stem}-{name}"
+        row = merge(args.config, name, fmt, overrides, out)
+        row.update(score(load(out), tok, pairs, examples, args.ppl_tokens))
+        row.update({"format": fmt, "overrides": overrides})
+        results[name] = row
+        save()
+    print_table(results, base)
+
+
+def print_table(results: dict, base: Path) -> None:
+    b, u = results["base (no adapter)"], results["unmerged"]
+    gain = b["answer_loss"] - u["answer_loss"]
+    quant_s = json.loads((base / "quantize_report.json").read_text())["seconds"]["total"]
+    print(f"quantization of the base: {quant_s:.0f} s")
+    print("| model | exact match | = unmerged | answer loss | gain kept | ppl | logit diff / max | "
+          "codes / scales changed | merge s (refit s) | size MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        same = sum(a == c for a, c in zip(r["answers"], u["answers"]))
+        kept = (b["answer_loss"] - r["answer_loss"]) / gain if gain else float("nan")
+        v = r.get("verification") or {}
+        rr = r.get("refit") or {}
+        changed = f"{100 * rr['codes_changed_share']:.2f}% / {100 * rr['scales_changed_share']:.0f}%" if rr else "-"
+        print(f"| {name} | {100 * r['exact_match']:.1f}% | {same}/{len(u['answers'])} | {r['answer_loss']:.4f} | "
+              f"{100 * kept:.1f}% | {r['ppl']:.3f} | {v.get('relative', float('nan')):.2e} | {changed} | "
+              f"{r.get('wall_s', '-')} ({rr.get('seconds', '-')}) | {r.get('size_mb', '-')} |")
+
+
+if __name__ == "__main__":
+    main()

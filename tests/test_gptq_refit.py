@@ -1,0 +1,157 @@
+"""The GPTQ export that keeps the fine-tune: the scale refit against an explicit per-row float64
+least-squares solve, GPTQ's error feedback on a fixed grid checked in float64 against the
+calibration inputs themselves, and the merge's refitted exports against the rounded one and
+the unmerged model."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qalora_cli.models.quantized_io import load_quantized
+from qalora_cli.quant.gptq import gptq_quantize
+from qalora_cli.quant.result import QuantizedWeight
+from qalora_cli.quant.scale_refit import refit_scales
+from test_merge import SMALL_REFIT, bases, merge_cli  # noqa: F401  (bases is a fixture)
+
+
+def grid_weight(out_f, in_f, bits, group, act_order, seed):
+    g = torch.Generator().manual_seed(seed)
+    g_idx = torch.arange(in_f, dtype=torch.int32) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    top = 2 ** bits - 1
+    return QuantizedWeight(codes=torch.randint(0, top + 1, (out_f, in_f), generator=g, dtype=torch.int32),
+                           scales=(torch.rand(in_f // group, out_f, generator=g) * 0.05 + 0.01).half().float(),
+                           zeros=torch.randint(1, top, (in_f // group, out_f), generator=g).float(),
+                           g_idx=g_idx, bits=bits, group_size=group)
+
+
+def correlated_inputs(in_f, tokens, seed):
+    """Inputs with channels of unequal size and per-channel offsets, mixed, as real activations
+    have: X [tokens, in]. (With zero-mean white inputs a group-constant shift is spread over
+    every direction and few code changes can carry it; real inputs are far from that.)"""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_f, in_f, generator=g) / in_f ** 0.5 + torch.eye(in_f)
+    offsets = torch.randn(in_f, generator=g) * 3
+    return (torch.randn(tokens, in_f, generator=g) * torch.linspace(0.2, 3, in_f) + offsets) @ mix
+
+
+def output_error64(target: torch.Tensor, approx: torch.Tensor, X: torch.Tensor) -> float:
+    """|(W - W~) X^T|^2 in float64, from the inputs themselves (not from a Hessian)."""
+    return float(((target.double() - approx.double()) @ X.double().t()).pow(2).sum())
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["contiguous", "act-order"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_weight_on_the_grid_keeps_every_code(bits, act_order):
+    qw = grid_weight(16, 128, bits, 32, act_order, seed=bits)
+    X = correlated_inputs(128, 256, seed=1)
+    H = 2 * X.t() @ X / X.shape[0]
+    out, _ = gptq_quantize(qw.dequantize(), H, bits, 32, act_order=act_order, grid=qw)
+    assert torch.equal(out.codes, qw.codes)
+    assert torch.equal(out.scales, qw.scales) and torch.equal(out.zeros, qw.zeros) and torch.equal(out.g_idx, qw.g_idx)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["contiguous", "act-order"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_re_rounding_carries_a_fractional_zero_shift_that_rounding_loses(bits, act_order):
+    """The merge's situation: z' = z + a small fractional shift per (group, row). Rounding z'
+    back gives the base; the codes chosen on the fixed grid match W' X far better, with few
+    codes changed, all on the grid."""
+    qw = grid_weight(32, 256, bits, 32, act_order, seed=10 + bits)
+    g = torch.Generator().manual_seed(3)
+    shift = (torch.rand(qw.zeros.shape, generator=g) - 0.5) * 0.6   # |shift| < 0.3 step: rounds away
+    exact = replace(qw, zeros=qw.zeros + shift)
+    grid = replace(qw, zeros=torch.round(exact.zeros))
+    assert torch.equal(grid.zeros, qw.zeros)
+    X = correlated_inputs(256, 1024, seed=2)
+    H = 2 * X.t() @ X / X.shape[0]
+    out, _ = gptq_quantize(exact.dequantize(), H, bits, 32, act_order=act_order, grid=grid)
+    assert torch.equal(out.zeros, grid.zeros) and out.codes.min() >= 0 and out.codes.max() <= 2 ** bits - 1
+    w_exact = exact.dequantize()
+    nearest = output_error64(w_exact, grid.dequantize(), X)
+    rerounded = output_error64(w_exact, out.dequantize(), X)
+    assert rerounded < 0.75 * nearest, (rerounded, nearest)
+    changed = float((out.codes != qw.codes).double().mean())
+    assert 0 < changed < 0.5
+
+
+def per_row_scale_solve(target, grid, X):
+    """The refit written out row by row in float64: min over ds of |(u - V ds) X^T|^2, with
+    V[k, j] = q[o,k] - z[j,o] on group j's columns and u the row's remaining error."""
+    g_idx = grid.g_idx.long()
+    G = grid.scales.shape[0]
+    qz = grid.codes.double() - grid.zeros.double()[g_idx].t()
+    u = target.double() - grid.scales.double()[g_idx].t() * qz
+    Xd = X.double()
+    ds = torch.zeros(G, qz.shape[0], dtype=torch.float64)
+    for o in range(qz.shape[0]):
+        V = torch.zeros(qz.shape[1], G, dtype=torch.float64)
+        V[torch.arange(qz.shape[1]), g_idx] = qz[o]
+        ds[:, o] = torch.linalg.lstsq(Xd @ V, Xd @ u[o]).solution
+    return grid.scales.double() + ds
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["contiguous", "act-order"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_scale_refit_is_the_least_squares_solution_in_fp16(bits, act_order):
+    qw = grid_weight(24, 128, bits, 32, act_order, seed=20 + bits)
+    g = torch.Generator().manual_seed(5)
+    exact = replace(qw, zeros=qw.zeros + (torch.rand(qw.zeros.shape, generator=g) - 0.5) * 0.1)
+    grid = replace(qw, zeros=torch.round(exact.zeros))
+    X = correlated_inputs(128, 512, seed=6)
+    H = 2 * X.t() @ X / X.shape[0]
+    out = refit_scales(exact.dequantize(), grid, H, damp_percent=0.0)
+    reference = per_row_scale_solve(exact.dequantize(), grid, X)
+    assert torch.equal(out.codes, grid.codes) and torch.equal(out.zeros, grid.zeros)
+    assert torch.equal(out.scales, out.scales.half().float())          # stored as fp16 by GPTQ
+    # equal to the float64 solution up to fp16 rounding of the result
+    assert ((out.scales.double() - reference).abs() <= reference.abs() * 2 ** -11 + 1e-9).all()
+    w = exact.dequantize()
+    # At 8 bits, |q - z| reaches 128, and the fp16 rounding of a scale moves a weight by about as
+    # much as the zero shift the refit is after: there it can only be no worse than rounding.
+    gain = 0.8 if bits <= 4 else 1.0
+    assert output_error64(w, out.dequantize(), X) < gain * output_error64(w, grid.dequantize(), X)
+    # with damping (the default) it stays close to the exact solve and still better than rounding
+    damped = refit_scales(w, grid, H)
+    assert output_error64(w, damped.dequantize(), X) < (gain + 0.05) * output_error64(w, grid.dequantize(), X)
+
+
+def gptq_export(bases, out, rounding):  # noqa: F811
+    r = merge_cli(bases["g32"], bases["adapter_g32"], out, "--format", "gptq", f"merge.rounding={rounding}",
+                  *SMALL_REFIT, "merge.calibration=text")
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "merge_report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def rounded_report(bases, tmp_path_factory):  # noqa: F811
+    return gptq_export(bases, tmp_path_factory.mktemp("nearest") / "out", "nearest")
+
+
+@pytest.mark.parametrize("rounding", ["codes", "scales+codes"])
+def test_gptq_export_refitted_is_closer_to_the_unmerged_model_than_rounded(bases, rounded_report, tmp_path,  # noqa: F811
+                                                                            rounding):
+    """Calibrated on the same kind of text the verification holds out (the refit fits the
+    inputs it sees: on the tiny random model, a fit to other data does not carry over)."""
+    reports = {rounding: gptq_export(bases, tmp_path / rounding, rounding), "nearest": rounded_report}
+    rr, nr = reports[rounding], reports["nearest"]
+    assert "refit" not in nr
+    # The whole model, on held-out text the fit never saw.
+    assert rr["verification"]["relative"] < nr["verification"]["relative"]
+    assert rr["verification"]["top1_agreement"] > nr["verification"]["top1_agreement"]
+    s = rr["refit"]["summary"]
+    assert s["mean_heldout_rel_output_error"] < s["mean_heldout_rel_output_error_nearest"]
+    assert s["heldout_samples"] == 4 and s["rounding"] == rounding
+    assert 0 < s["codes_changed_share"] < 0.5
+    assert (s["scales_changed_share"] > 0.5) == (rounding == "scales+codes")
+    # The checkpoint stays plain GPTQ: the same tensors, integer zeros, the base's g_idx.
+    base, _ = load_quantized(bases["g32"], dtype=torch.float32)
+    ours, _ = load_quantized(tmp_path / rounding, dtype=torch.float32)
+    for name, mod in ours.named_modules():
+        if hasattr(mod, "qzeros"):
+            a, b = mod.quantized_weight(), base.get_submodule(name).quantized_weight()
+            assert torch.equal(a.g_idx, b.g_idx) and torch.equal(a.zeros, torch.round(a.zeros))
+            assert rounding != "codes" or torch.equal(a.scales, b.scales)
