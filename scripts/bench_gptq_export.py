@@ -47,6 +47,12 @@ def load(folder: Path):
     return load_quantized(folder, "cpu", torch.float32)[0]
 
 
+def load_peer(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
+
+
 @torch.no_grad()
 def answer_loss(model, examples, pad_id: int) -> float:
     """Mean cross-entropy over the response tokens of the held-out examples."""
@@ -98,6 +104,8 @@ def main() -> None:
     p.add_argument("--loss-examples", type=int, default=100)
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--output", type=Path)
+    p.add_argument("--peer", action="append", default=[], help="a gptq variant to score again as transformers + "
+                                                              "GPTQModel load it")
     args = p.parse_args()
     quiet_library_logs()
     cfg = load_config(args.config, [])
@@ -131,6 +139,12 @@ def main() -> None:
         row.update({"format": fmt, "overrides": overrides})
         results[name] = row
         save()
+    for name in args.peer:
+        row = f"{name} (transformers + GPTQModel)"
+        if row not in results and name in results:
+            results[row] = {**score(load_peer(ROOT / f"out/bench/export-{Path(args.config).stem}-{name}"), tok, pairs,
+                                    examples, args.ppl_tokens), "format": "gptq (peer)"}
+            save()
     print_table(results, base)
 
 

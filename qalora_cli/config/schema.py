@@ -55,7 +55,9 @@ class QuantizeSection(Section):
 
 
 class CalibrationSection(Section):
-    source: Literal["builtin", "hub", "files"] = "builtin"
+    source: Literal["builtin", "mix", "hub", "files"] = Field(
+        "builtin", description="builtin: Python's help topics (even half); mix: the same plus text the model "
+                               "generates itself (generated_fraction of the samples); hub; files")
     dataset: str | None = Field(None, description="hub dataset id (source: hub)")
     dataset_config: str | None = None
     split: str = "train"
@@ -64,6 +66,9 @@ class CalibrationSection(Section):
     num_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=16)
     seed: int = 0
+    generated_fraction: float = Field(0.5, ge=0, le=1, description="source mix: share of the samples that are "
+                                                                   "text sampled from the model itself")
+    generated_top_p: float = Field(0.95, gt=0, le=1, description="source mix: nucleus sampling of that text")
 
     @model_validator(mode="after")
     def _source(self) -> "CalibrationSection":

@@ -21,6 +21,12 @@ from ..quant.sequential import check_layers, quantize_model
 REPORT_NAME = "quantize_report.json"
 
 
+def _note(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(cfg: RunConfig, show_progress: bool = True) -> dict:
     """Quantize `cfg.model` and write the GPTQ checkpoint to `cfg.output.dir`. -> the report."""
     t_start = time.perf_counter()
@@ -29,7 +35,7 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
     device = resolve_device(q.device)
     model, tokenizer, src = load_model(cfg.model, "cpu")
     check_layers(model, q)
-    calib = calibration_batches(cfg.calibration, tokenizer)
+    calib = calibration_batches(cfg.calibration, tokenizer, model, device, note=_note if show_progress else None)
     t_loaded = time.perf_counter()
 
     with block_progress("quantizing blocks", enabled=show_progress) as advance:
