@@ -186,7 +186,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, qbase, tmp_path):
 
     code, text = ft()
     assert code == 0 and "exact match" not in text and "loss" in text
-    assert (out / "adapter_config.json").is_file()
+    # the adapter records the data it was trained on (the gptq export refits on it)
+    recorded = json.loads((out / "adapter_config.json").read_text())["data"]
+    assert recorded == validate(yaml.safe_load(cfg_file.read_text()), "t").data.model_dump(mode="json")
     code, text = ft()
     assert code == 2 and "already holds a finished adapter" in text
     # a checkpoint of another model refuses to resume

@@ -66,9 +66,17 @@ def test_peer_loads_the_smollm2_checkpoint(base, quantized):
     window = ids[:128].unsqueeze(0)
     ours, _ = load_quantized(quantized["gptq"], dtype=torch.float32)
     peer = AutoModelForCausalLM.from_pretrained(quantized["gptq"], device_map="cpu", dtype=torch.float32).eval()
+    # The format, strictly: every weight the peer decodes is ours (fp16 scales, so up to fp16 rounding).
+    for name, mod in ours.named_modules():
+        if hasattr(mod, "qweight"):
+            w_peer = peer.get_submodule(name).dequantize_weight().float().t()
+            w_ours = mod.dequantize_weight(torch.float32)
+            assert (w_peer - w_ours).abs().max() <= 1e-3 * w_ours.abs().max(), name
+    # The whole model: the peer's kernel reaches the logits by its own arithmetic; over 30 blocks the
+    # largest logit moves by a few percent (3.1e-2 measured on this checkpoint's quantization).
     with torch.no_grad():
         a, b = ours(window).logits, peer(window).logits.float()
-    assert (a - b).abs().max() <= 3e-2 * a.abs().max()
+    assert (a - b).abs().max() <= 5e-2 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
 
 
@@ -96,3 +104,33 @@ def test_finetune_on_int4_learns_the_embedded_task_and_merges_exactly(quantized,
     v = merge(cfg, show_progress=False)["verification"]
     assert v["verdict"] == "pass" and v["relative"] < 1e-4 and v["greedy_identical"]  # measured: 2.6e-6
     assert v["ppl_merged"] == pytest.approx(v["ppl_unmerged"], rel=1e-4)  # 4 significant digits
+
+    # The same adapter as a plain GPTQ checkpoint (integer zeros): rounding alone loses what the
+    # fine-tune taught; refitting the scales on the adapter's training data keeps most of it.
+    from qalora_cli.data.instruct import load_records, prompt_and_reference
+    from qalora_cli.eval.exact_match import exact_match, generate_responses
+    from qalora_cli.export.verify import unmerged_model
+
+    _, records, _ = load_records(cfg.data)
+
+    def answers(model):
+        return generate_responses(model, tok, [p for p, _ in pairs], 48)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(quantized["gptq"])
+    pairs = [prompt_and_reference(r, cfg.data.format, cfg.data.template, tok) for r in records[:24]]
+    refs = [r for _, r in pairs]
+    unmerged = exact_match(answers(unmerged_model(quantized["gptq"], tmp_path / "a", "cpu")), refs)
+    scores = {}
+    for rounding in ("nearest", "scales"):
+        out = tmp_path / f"gptq-{rounding}"
+        merge(load_config("smollm2-135m-int4", [f"merge.quantized_model={quantized['gptq']}",
+                                                f"merge.adapter_dir={tmp_path / 'a'}", f"merge.dir={out}",
+                                                "merge.format=gptq", f"merge.rounding={rounding}",
+                                                "merge.calibration_samples=64", "merge.heldout_samples=8",
+                                                "merge.device=cpu", "merge.ppl_tokens=0"]), show_progress=False)
+        scores[rounding] = exact_match(answers(load_quantized(out, dtype=torch.float32)[0]), refs)
+    # the full 60-step adapter, 128 windows: 0% rounded, 86% of the unmerged model's with the refit
+    # (docs/BENCHMARKS.md); this short run's 24 answers are a coarse check
+    assert scores["nearest"] <= 0.5 * unmerged < scores["scales"], (scores, unmerged)
