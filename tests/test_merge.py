@@ -111,6 +111,19 @@ SMALL_REFIT = ("data.template=raw", "merge.calibration_samples=16", "merge.calib
                  "merge.heldout_samples=4")
 
 
+def corrupt_one_layer(monkeypatch):
+    """Make the merge write one layer's zero points half a step off, as a bug would."""
+    from qalora_cli.export.layer_merge import LayerMerger
+
+    exact = LayerMerger.zeros_before_after
+
+    def off_by_half_a_step(self, target):
+        z, z_merged = exact(self, target)
+        return z, z_merged + (0.5 if target.endswith("layers.0.mlp.up_proj") else 0.0)
+
+    monkeypatch.setattr(LayerMerger, "zeros_before_after", off_by_half_a_step)
+
+
 def merge_cli(base, adapter, output, *extra):
     return runner.invoke(app, ["merge", "--config", "smollm2-135m-int4", "--model", str(base), "--adapter",
                                str(adapter), "--output", str(output), "merge.ppl_tokens=600",

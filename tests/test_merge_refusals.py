@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qalora_cli.lora.adapter_io import checkpoint_sha256
-from test_merge import bases, merge_cli  # noqa: F401  (the module fixture and the CLI call)
+from test_merge import bases, corrupt_one_layer, merge_cli  # noqa: F401  (the module fixture and the CLI call)
 
 
 def tampered(adapter, tmp_path, config_change=None, tensor_change=None):
@@ -79,15 +79,7 @@ def test_nan_in_the_adapter(bases, tmp_path):
 
 
 def test_a_verification_that_fails_removes_the_output(bases, tmp_path, monkeypatch):
-    from qalora_cli.export.layer_merge import LayerMerger
-
-    exact = LayerMerger.zeros_before_after
-
-    def off_by_half_a_step(self, target):
-        z, z_merged = exact(self, target)
-        return z, z_merged + (0.5 if target.endswith("layers.0.mlp.up_proj") else 0.0)
-
-    monkeypatch.setattr(LayerMerger, "zeros_before_after", off_by_half_a_step)
+    corrupt_one_layer(monkeypatch)
     out = tmp_path / "m"
     refused(merge_cli(bases["act"], bases["adapter"], out), out, "verification failed")
 

@@ -26,7 +26,7 @@ from qalora_cli.quant.gptq_format import decode_qzeros  # noqa: E402
 from qalora_cli.quant.pack import unpack_rows  # noqa: E402
 from qalora_cli.quant.result import QuantizedWeight  # noqa: E402
 from qalora_cli.recipes.quantize import run as quantize  # noqa: E402
-from test_merge import make_adapter, merge_cli  # noqa: E402
+from test_merge import corrupt_one_layer, make_adapter, merge_cli  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -260,15 +260,7 @@ def test_a_sharded_base_and_an_adapter_on_some_layers(tiny_model_dir, tmp_path):
 def test_verification_catches_half_a_step_on_one_layer(mlx_bases, tmp_path, monkeypatch):
     """The check must be able to fail: zero points off by half a step in one layer (written so
     and checked so), against the unmerged model."""
-    from qalora_cli.export.layer_merge import LayerMerger
-
-    exact = LayerMerger.zeros_before_after
-
-    def off_by_half_a_step(self, target):
-        z, z_merged = exact(self, target)
-        return z, z_merged + (0.5 if target.endswith("layers.0.mlp.up_proj") else 0.0)
-
-    monkeypatch.setattr(LayerMerger, "zeros_before_after", off_by_half_a_step)
+    corrupt_one_layer(monkeypatch)
     out = tmp_path / "m"
     r = merge_cli(mlx_bases["int8"], mlx_bases["int8-adapter"], out, "--format", "mlx", "merge.ppl_tokens=0")
     assert r.exit_code == 2 and "verification failed" in r.output and not out.exists()

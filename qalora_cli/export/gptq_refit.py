@@ -145,12 +145,12 @@ def refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, de
     q = QuantizeSection(bits=merger.bits, group_size=merger.group_size, damp_percent=cfg.quantize.damp_percent,
                         batch_size=cfg.quantize.batch_size, true_sequential=True)
     nearest_err: dict[str, tuple[float, float | None]] = {}
-    exact_weights = {n: mod.weight.data.clone() for n, mod in model.named_modules() if n in grids}
 
     def refit_layer(name: str, target: torch.Tensor, H: torch.Tensor, H_held: torch.Tensor | None):
         if name in untouched:  # not a target: its codes stay
             return untouched[name], None
-        grid, w = grids[name], exact_weights[name]
+        # the layer still holds the exact merge: the driver replaces it only after this returns
+        grid, w = grids[name], model.get_submodule(name).weight.data
         nearest = grid.dequantize().to(H.device)
         nearest_err[name] = (output_error(w, nearest, H),
                              output_error(w, nearest, H_held) if H_held is not None else None)
@@ -173,7 +173,7 @@ def refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, de
         qw, grid = results[r.name], grids[r.name]
         changed = (qw.codes != grid.codes)
         rel_scale = ((qw.scales - grid.scales).abs() / grid.scales.abs().clamp_min(1e-12))
-        rows.append({"layer": r.name, **rounding[r.name],
+        rows.append({"layer": r.name, **rounding[r.name], "codes": changed.numel(),
                      "codes_changed": int(changed.sum()), "codes_changed_share": float(changed.double().mean()),
                      "scales_changed_share": float((qw.scales != grid.scales).double().mean()),
                      "mean_rel_scale_change": float(rel_scale.mean()),
@@ -188,7 +188,7 @@ def refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, de
 
 
 def _summary(rows: list[dict]) -> dict:
-    n_codes = sum(r["codes_changed"] / r["codes_changed_share"] for r in rows if r["codes_changed_share"]) or 1
+    n_codes = sum(r["codes"] for r in rows) or 1
 
     def mean(key):
         vals = [r[key] for r in rows if r[key] is not None]
