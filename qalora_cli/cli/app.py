@@ -31,7 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import adapter_cmd, config_cmd, eval_cmd, eval_ppl, finetune_cmd, merge_cmd, quantize_cmd  # noqa: E402,F401
+from . import (adapter_cmd, config_cmd, eval_cmd, eval_ppl, eval_stream, finetune_cmd, generate_cmd,  # noqa: E402,F401
+               merge_cmd, quantize_cmd)
 
 app.add_typer(config_cmd.config_app, name="config")
 app.add_typer(adapter_cmd.adapter_app, name="adapter")
@@ -39,6 +40,8 @@ app.add_typer(eval_cmd.eval_app, name="eval")
 app.command("quantize")(quantize_cmd.quantize)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("merge")(merge_cmd.merge)
+app.command("generate")(generate_cmd.generate)
+app.command("chat")(generate_cmd.chat)
 
 
 def main() -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import UserError
+from ..progress import rate_progress
 
 eval_app = typer.Typer(help="Evaluate a model (or a quantized model with its adapter) on benchmarks.",
                        no_args_is_help=True)
@@ -21,8 +21,6 @@ eval_app = typer.Typer(help="Evaluate a model (or a quantized model with its ada
 DTYPE_HELP = "auto (float32 on CPU, float16 on a GPU), float32, float16 or bfloat16"
 KERNEL_HELP = ("the quantized layers' kernel: auto (triton on CUDA, else torch), torch (the reference), triton, "
                "gptqmodel (the peer's kernels, GPTQ checkpoints)")
-# Where a terminal is absent (logs, CI), one progress line at most this often.
-LOG_EVERY_S = 10.0
 
 
 @eval_app.command("mmlu")
@@ -60,7 +58,7 @@ def mmlu_cmd(
     loaded, tokenizer, name = load_eval_model(model, adapter, device, dtype, kernel)
     from ..eval.mmlu import evaluate_mmlu
 
-    with question_progress(f"MMLU {shots}-shot") as advance:
+    with rate_progress(f"MMLU {shots}-shot") as advance:
         result = evaluate_mmlu(loaded, tokenizer, data, batch_size=batch_size, progress=advance, model_name=name)
     report = result.to_dict()
     if output_json is not None:
@@ -78,6 +76,21 @@ def _is_quantized_folder(path: Path) -> bool:
     except UserError:
         return False
     return quant_method_of(config) in ("gptq", MERGED_QUANT_METHOD)
+
+
+def _refuse_mlx(path: Path) -> None:
+    """An MLX export (`qalora merge --format mlx`) holds MLX's own packing, which torch does not
+    run: say which runtime does, rather than fail inside transformers."""
+    config = path / "config.json"
+    if not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # the loader gives its own message
+    if isinstance(data, dict) and "quantization" in data and "quantization_config" not in data:
+        raise UserError(f"'{path}' is an MLX model (mlx-lm's quantization): run it with mlx-lm, e.g. "
+                        f"python -m mlx_lm generate --model {path} --prompt ...")
 
 
 def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype: str, kernel: str = "auto"):
@@ -99,6 +112,7 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
     dev = resolve_device(device)
     torch_dtype = names[dtype] if dtype != "auto" else torch.float32 if dev.type == "cpu" else torch.float16
     path = Path(model).expanduser()
+    _refuse_mlx(path)
 
     if path.is_dir() and _is_quantized_folder(path):
         from transformers import AutoTokenizer
@@ -140,44 +154,6 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
     dtype_name = {v: k for k, v in names.items()}[torch_dtype]
     loaded, tokenizer, src = load_model(ModelSection(name_or_path=model, dtype=dtype_name), str(dev))
     return loaded, tokenizer, src.describe()
-
-
-@contextmanager
-def question_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A bar with questions/s on a terminal; otherwise a plain line every LOG_EVERY_S (logs)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
-    console = Console(stderr=True)
-    start = time.perf_counter()
-    if not console.is_terminal:
-        last = [0.0]
-
-        def log_line(done: int, total: int) -> None:
-            now = time.perf_counter() - start
-            if done == total or now - last[0] >= LOG_EVERY_S:
-                last[0] = now
-                rate = done / now if now > 0 else 0.0
-                print(f"{description}: {done}/{total} questions ({rate:.1f}/s, {now:.0f} s)", file=sys.stderr,
-                      flush=True)
-
-        yield log_line
-        return
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            elapsed = task.elapsed or 0.0
-            return Text(f"{task.completed / elapsed:.1f} questions/s" if elapsed > 0 else "")
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
 
 
 def print_mmlu(report: dict, output_json: Path | None) -> None:

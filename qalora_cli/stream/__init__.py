@@ -1,0 +1,1 @@
+"""Streaming generation and long-text scoring with attention sinks (StreamingLLM)."""
