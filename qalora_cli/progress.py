@@ -12,7 +12,9 @@ LOG_EVERY_S = 10.0
 
 
 @contextmanager
-def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """-> show(done, total, phase=None): a later phase of the same work (e.g. the refit's
+    distillation after its block pass) renames the bar instead of opening a second one."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -20,8 +22,9 @@ def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[
     if enabled and not console.is_terminal:
         start = time.perf_counter()
 
-        def log_line(done: int, total: int) -> None:
-            print(f"{description}: {done}/{total} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        def log_line(done: int, total: int, phase: str | None = None) -> None:
+            print(f"{phase or description}: {done}/{total} ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                  flush=True)
 
         yield log_line
         return
@@ -29,8 +32,8 @@ def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[
                   console=console, disable=not enabled, transient=False) as bar:
         task = bar.add_task(description, total=None)
 
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def advance(done: int, total: int, phase: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, **({"description": phase} if phase else {}))
 
         yield advance
 

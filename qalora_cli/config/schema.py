@@ -207,6 +207,12 @@ class MergeSection(Section):
                              "weight on the re-rounded model's inputs (plain sequential GPTQ)")
     codes_act_order: bool = Field(True, description="gptq codes: choose codes in decreasing order of the "
                                                       "input Hessian's diagonal (as GPTQ's act-order)")
+    distill_steps: int = Field(64, ge=0, description="gptq refit: then tune the fp16 scales end to end for this many "
+                                                    "steps so the model's next-token distribution matches the exact "
+                                                    "merge's on the calibration windows (0: layer-wise refit only). "
+                                                    "Holds the exact merge beside the refitted model")
+    distill_lr: float = Field(1e-3, gt=0, description="gptq distillation: Adam's step on each scale's relative change")
+    distill_batch: int = Field(4, ge=1, description="gptq distillation: calibration windows per step")
 
 
 class RunConfig(Section):

@@ -180,11 +180,34 @@ def refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, de
                      "rel_output_error_nearest": nearest_err[r.name][0], "rel_output_error": r.rel_output_error,
                      "heldout_rel_output_error_nearest": nearest_err[r.name][1],
                      "heldout_rel_output_error": r.heldout_rel_output_error})
+    refitted = {k: v for k, v in results.items() if k in grids}
     summary = _summary(rows)
+    if m.distill_steps and "scales" in m.rounding:  # the scales are what it tunes
+        refitted, summary["distill"] = _distill(model, base, merger, refitted, calib, heldout, m, cfg.calibration.seed,
+                                                device, on_block)
     summary.update({"rounding": m.rounding, "calibration": described, "samples": int(calib.shape[0]), "heldout_samples": int(heldout.shape[0]),
                     "seq_len": m.calibration_seq_len, "act_order": m.codes_act_order, "target": m.refit_target,
                     "seconds": round(time.perf_counter() - t0, 2)})
-    return {k: v for k, v in results.items() if k in grids}, rows, summary
+    return refitted, rows, summary
+
+
+def _distill(student: nn.Module, base: Path, merger: LayerMerger, refitted: dict, calib: torch.Tensor,
+             heldout: torch.Tensor, m: MergeSection, seed: int, device, on_block) -> tuple[dict, dict]:
+    """The end-to-end scale tuning (scale_distill.py) against the exact merge as the teacher;
+    `student` is the dense model the block pass left holding the refitted weights."""
+    from .scale_distill import distill_scales
+
+    teacher = dense_merged_model(base, merger, device)[0]
+    student.to(device)  # the block pass may have left blocks on the CPU
+
+    def step(done: int, total: int) -> None:
+        if on_block and (done % 4 == 0 or done == total):
+            on_block(done, total, "distilling the scales")
+    try:
+        return distill_scales(student, teacher, refitted, calib, heldout, m.distill_steps, m.distill_lr,
+                              m.distill_batch, seed, on_step=step)
+    finally:
+        del teacher
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -145,8 +145,13 @@ def _refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, s
 def _refit_verdict(s: dict) -> str:
     held, near = s["mean_heldout_rel_output_error"], s["mean_heldout_rel_output_error_nearest"]
     ratio = f"{held / near:.2f}x" if held is not None and near else "n/a"
-    return (f"integer zero points, {s['rounding']} refitted on {s['calibration']}: the layers' output error "
-            f"against the exact merge on held-out windows is {ratio} that of plain rounding")
+    verdict = (f"integer zero points, {s['rounding']} refitted on {s['calibration']}: the layers' output error "
+               f"against the exact merge on held-out windows is {ratio} that of plain rounding")
+    d = s.get("distill")
+    if d and d["heldout_kl_before"] is not None:
+        verdict += (f"; then {d['steps']} steps of scale distillation took the held-out KL divergence from the exact "
+                    f"merge from {d['heldout_kl_before']:.4f} to {d['heldout_kl_after']:.4f}")
+    return verdict
 
 
 def _every_tenth(show, total: int):

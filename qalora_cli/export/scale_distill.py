@@ -1,0 +1,112 @@
+"""The last step of the GPTQ export that keeps the fine-tune: the fp16 scales, refitted layer
+by layer, are tuned end to end so the integer-zero model's next-token distribution matches the
+exact merge's (knowledge distillation on the calibration windows).
+
+Why: the layer-wise refit makes each layer's output match on its own, but small errors add up
+through 30 blocks, and greedy answers flip where two tokens are close. Tuning the scales
+against the whole model's output corrects them jointly. Only what a plain GPTQ v1 checkpoint
+stores as floats is trained (one scale per (group, row)), the codes and integer zeros stay, so
+the result is still a standard checkpoint. Each scale is parametrized relative to where the
+refit left it, s = s0 (1 + u), u starting at 0: one learning rate fits layers of any scale.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.grid import expand_groups
+from ..quant.result import QuantizedWeight
+
+
+class ScaleTunedLinear(nn.Module):
+    """W = s[:, group] * (q - z) with only the relative scale change u trainable."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.qw = qw
+        self.register_buffer("centered", qw.codes.float() - expand_groups(qw.zeros, qw.g_idx))
+        self.register_buffer("g_idx", qw.g_idx.long())
+        self.register_buffer("s0", qw.scales.float().clone())  # [groups, out]
+        self.u = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * (1 + self.u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.scales()[self.g_idx].t() * self.centered
+        return F.linear(x, w.to(x.dtype), self.bias)
+
+    def result(self) -> QuantizedWeight:
+        """The tuned weight, its scales rounded to fp16 as the checkpoint stores them."""
+        return replace(self.qw, scales=self.scales().detach().half().float())
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged."""
+    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+                    log_target=True, reduction="none").sum(-1).mean()
+
+
+@torch.no_grad()
+def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch: int) -> float:
+    vals = [float(_kl(student(input_ids=x).logits, teacher(input_ids=x).logits)) * x.shape[0]
+            for x in windows.split(batch)]
+    return sum(vals) / windows.shape[0]
+
+
+def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, QuantizedWeight],
+                   calib: torch.Tensor, heldout: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
+                   on_step=None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Tune the scales of `weights` (the layers named in `student`, a dense model holding the
+    refitted weights) to match `teacher` (the exact merge). -> (tuned weights, a summary)."""
+    t0 = time.perf_counter()
+    device = next(student.parameters()).device
+    tuned = {}
+    for name, qw in weights.items():
+        old = student.get_submodule(name)
+        tuned[name] = ScaleTunedLinear(qw, old.bias).to(device)
+        _set_module(student, name, tuned[name])
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = [m.u for m in tuned.values()]
+    for p in params:
+        p.requires_grad_(True)
+    student.eval(), teacher.eval()
+    held_before = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(steps):
+        x = calib[torch.randint(0, calib.shape[0], (batch,), generator=g)].to(device)
+        with torch.no_grad():
+            target = teacher(input_ids=x).logits
+        loss = _kl(student(input_ids=x).logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step:
+            on_step(step + 1, steps)
+    for p in params:
+        p.requires_grad_(False)
+    out = {name: m.result() for name, m in tuned.items()}
+    for name, m in tuned.items():  # evaluate what will be written: fp16 scales
+        m.u.data = out[name].scales.to(device) / m.s0 - 1
+    held_after = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
+    changes = torch.cat([(out[n].scales / weights[n].scales - 1).abs().flatten() for n in out])
+    return out, {"steps": steps, "lr": lr, "batch": batch, "first_loss": losses[0] if losses else None,
+                 "last_loss": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
+                 "heldout_kl_before": held_before, "heldout_kl_after": held_after,
+                 "mean_rel_scale_change": float(changes.mean()), "seconds": round(time.perf_counter() - t0, 2)}
+
