@@ -3,6 +3,8 @@ fit beside the sinks), sample the next one, and turn tokens into text as they co
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -44,9 +46,12 @@ def feed(model, cache, ids: list[int], chunk: int = DEFAULT_CHUNK, all_logits: b
 
 def cache_argument(model) -> str:
     """The forward's name for the cache: `cache` in recent transformers, `past_key_values` before."""
-    import inspect
+    return _cache_argument(type(model))
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
