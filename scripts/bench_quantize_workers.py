@@ -167,7 +167,7 @@ def checkpoint_facts(folder: Path) -> dict:
     from safetensors import safe_open
 
     dtypes: dict[str, set] = {"scales": set(), "unquantized": set()}
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("model*.safetensors"))
     for f in files:
         with safe_open(f, "pt") as sf:
             for key in sf.keys():

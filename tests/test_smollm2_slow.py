@@ -134,3 +134,24 @@ def test_finetune_on_int4_learns_the_embedded_task_and_merges_exactly(quantized,
     # the full 60-step adapter, 128 windows: 0% rounded, 86% of the unmerged model's with the refit
     # (docs/BENCHMARKS.md); this short run's 24 answers are a coarse check
     assert scores["nearest"] <= 0.5 * unmerged < scores["scales"], (scores, unmerged)
+
+
+def test_quailora_init_lowers_int4_perplexity_at_step_0(base, quantized):
+    """lora.init quailora on the real INT4 model, from the statistics `quantize` stored: below the zero init's
+    held-out perplexity before any training, cancelling part of every layer's output error (INT4/3/2 with the
+    default calibration: docs/BENCHMARKS.md, "QuAILoRA initialization")."""
+    from qalora_cli.lora.init_stats import initialize_adapters
+    from qalora_cli.lora.inject import inject_qalora
+
+    _, _, ids = base
+    ppl = {}
+    for init in ("zero", "quailora"):
+        cfg = load_config("smollm2-135m-int4", [f"lora.init={init}", f"output.dir={quantized['gptq']}"])
+        q, _ = load_quantized(quantized["gptq"], dtype=torch.float32)
+        torch.manual_seed(0)
+        report = initialize_adapters(cfg, quantized["gptq"], inject_qalora(q, cfg.lora))
+        if init == "quailora":
+            assert report["seconds"] < 30 and report["mean_remaining_error"] < 0.99
+        with torch.no_grad():
+            ppl[init] = perplexity(q.eval(), ids, 512, max_tokens=8192)["ppl"]
+    assert ppl["quailora"] < ppl["zero"]

@@ -21,6 +21,15 @@ class _BoundaryGroup(TyperGroup):
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except Exception as e:
+            from ..output_dir import is_disk_full
+
+            if os.environ.get("QALORA_DEBUG") or not is_disk_full(e):
+                raise
+            where = f" writing '{e.filename}'" if isinstance(e, OSError) and e.filename else ""
+            typer.echo(f"error: no space left on the device{where}: free some space or choose another location",
+                       err=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

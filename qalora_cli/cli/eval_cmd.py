@@ -115,8 +115,6 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
     _refuse_mlx(path)
 
     if path.is_dir() and _is_quantized_folder(path):
-        from transformers import AutoTokenizer
-
         from ..models.quantized_io import load_quantized
 
         if config is not None:  # before the weights load: a wrong base fails at once
@@ -124,10 +122,9 @@ def load_eval_model(model: str | None, adapter: Path | None, device: str, dtype:
 
             check_base(config, path)
         loaded, _ = load_quantized(path, dev, torch_dtype)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as e:
-            raise UserError(f"'{path}': could not load its tokenizer: {str(e).strip().splitlines()[0]}") from e
+        from ..models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
         if config is not None:
             from ..lora.adapter_io import attach_adapter
 

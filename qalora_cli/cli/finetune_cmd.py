@@ -58,8 +58,15 @@ def _print_summary(report: dict) -> None:
                   f"{100 * b['generation']['exact_match']:.1f}%", f"{100 * a['generation']['exact_match']:.1f}%")
     console.print(t)
     st = report["data_stats"]
+    speed = f"{report['tokens_per_s']:.0f} tokens/s" if report.get("tokens_per_s") else "no training step"
     console.print(f"{report['train_examples']} training examples ({st['truncated']} truncated, {st['skipped']} "
-                  f"skipped as longer than data.max_length); {report['tokens_per_s']:.0f} tokens/s; "
+                  f"skipped as longer than data.max_length); {speed}; "
                   f"train {report['seconds']['train']:.0f} s, total {report['seconds']['total']:.0f} s; "
                   f"peak memory {report['peak_memory_mib']:.0f} MiB")
+    init = report.get("init") or {}
+    if init.get("method") not in (None, "zero") and "mean_remaining_error" in init:
+        console.print(f"lora.init {init['method']} ({init['stats']}, {init['seconds']:.1f} s): "
+                      f"{100 * (1 - init['mean_remaining_error']):.1f}% of the layers' quantization output error "
+                      f"cancelled on the calibration inputs (full-rank limit "
+                      f"{100 * (1 - init['mean_full_rank_remaining_error']):.1f}%)")
     console.print(f"adapter: {report['adapter']}")

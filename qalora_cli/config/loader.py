@@ -33,11 +33,16 @@ def find_config(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config '{path}' could not be read as UTF-8 text: {e}") from None
+    except RecursionError:
+        raise UserError(f"config '{path}' is nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line: the reader's errors span several
+        raise UserError(f"config '{path}' is not valid YAML{where}: {why}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

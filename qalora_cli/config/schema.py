@@ -84,6 +84,8 @@ class OutputSection(Section):
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of scales and unquantized tensors")
     max_shard_size: str = "4GB"
     overwrite: bool = False
+    init_stats: bool = Field(True, description="quantize: write qalora_init/quailora_stats.safetensors in the "
+                                               "checkpoint, the per-layer statistics lora.init svd/quailora start from")
 
 
 class LoraSection(Section):
@@ -96,6 +98,12 @@ class LoraSection(Section):
                                   "or module names, e.g. [q_proj, v_proj]")
     group_size: int | None = Field(None, description="pooling group size; it must equal the checkpoint's "
                                                      "(default: the checkpoint's)")
+    init: Literal["zero", "svd", "quailora"] = Field(
+        "zero", description="where the adapters start: zero (B = 0, the quantized model itself); svd (weight-only: "
+                            "rank-r SVD of the per-group mean of the quantization residual); quailora (calibrated: "
+                            "the rank-r group-constant correction that best cancels the quantization error on the "
+                            "calibration inputs). svd and quailora read qalora_init/quailora_stats.safetensors in the "
+                            "checkpoint, else recompute it from the original model")
 
 
 class DataSection(Section):
@@ -137,7 +145,7 @@ class TrainSection(Section):
     learning_rate: float = Field(2e-4, gt=0)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
-    max_steps: int = Field(200, ge=1)
+    max_steps: int = Field(200, ge=0, description="0: no training, the initialized adapter is saved (lora.init)")
     max_grad_norm: float = Field(0.3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)

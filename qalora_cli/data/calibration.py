@@ -20,6 +20,54 @@ from .builtin_text import calibration_text
 TEXT_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def check_json_records(files) -> None:
+    """Refuse, in one line, a JSON data file that is not records (a list of objects, an object of
+    columns, or JSON Lines of objects) before `datasets` reads it: its JSON reader crashes the
+    process (a segmentation fault in pyarrow) on some such files, e.g. one holding `null`."""
+    import json
+
+    for f in [files] if isinstance(files, (str, Path)) else files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"could not read json data in '{f}': not UTF-8 text ({e})") from None
+        try:
+            docs = [json.loads(text)] if text.strip() else []
+        except ValueError:
+            try:
+                docs = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+            except ValueError as e:
+                raise UserError(f"could not read json data in '{f}': neither JSON nor JSON Lines ({e})") from None
+            if not all(isinstance(d, dict) for d in docs):
+                raise UserError(f"could not read json data in '{f}': every JSON Lines line must be an object "
+                                "(a record)")
+            continue
+        for d in docs:
+            rows = d if isinstance(d, list) else [d] if isinstance(d, dict) else None
+            if rows is None or not all(isinstance(r, dict) for r in rows):
+                got = type(d).__name__ if rows is None else "a list with non-objects"
+                raise UserError(f"could not read json data in '{f}': it must hold records, a list of JSON objects "
+                                f"or one object per line (got {got})")
+
+
+def load_local(builder: str, files, name: str):
+    """A local .json/.jsonl/.csv/.parquet file (or files) as a `datasets.Dataset`; a file that
+    cannot be read is refused in one line naming it."""
+    import datasets
+
+    if builder == "json":
+        check_json_records(files)
+    try:
+        return datasets.load_dataset(builder, data_files=files if isinstance(files, list) else str(files),
+                                     split="train")
+    except Exception as e:
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        why = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise UserError(f"could not read {builder} data in '{name}': {why}") from e
+
+
 def describe(c: CalibrationSection) -> str:
     if c.source == "builtin":
         return "builtin: Python documentation help topics, even half (PSF License)"
@@ -47,9 +95,7 @@ def _texts(c: CalibrationSection, chars_needed: int) -> list[str]:
         if not p.is_file():
             raise UserError(f"calibration file '{p}' does not exist")
         if p.suffix in TEXT_SUFFIXES:
-            import datasets
-
-            ds = datasets.load_dataset(TEXT_SUFFIXES[p.suffix], data_files=str(p), split="train")
+            ds = load_local(TEXT_SUFFIXES[p.suffix], str(p), str(p))
             texts += take_field(ds, c.text_field, None, str(p))
         else:
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
@@ -59,9 +105,17 @@ def _texts(c: CalibrationSection, chars_needed: int) -> list[str]:
 def take_field(ds, field: str, chars_needed: int | None, name: str,
                hint: str = "set calibration.text_field") -> list[str]:
     out, total = [], 0
-    for row in ds:
+    rows = iter(ds)
+    while True:
+        try:
+            row = next(rows, None)
+        except Exception as e:  # rows are decoded as they are read: a damaged file fails here
+            raise UserError(f"the data '{name}' could not be read: {(str(e).splitlines() or [type(e).__name__])[0]}"
+                            ) from e
+        if row is None:
+            break
         if field not in row:
-            raise UserError(f"the data '{name}' has no field '{field}'; fields: {', '.join(row)}; {hint}")
+            raise UserError(f"the data '{name}' has no field '{field}'; fields: {', '.join(map(str, row))}; {hint}")
         out.append(str(row[field]))
         total += len(out[-1])
         if chars_needed is not None and total >= chars_needed:

@@ -107,6 +107,10 @@ def _load_split(d: DataSection, split: str, key: str):
         if split not in splits:
             raise UserError(f"{key} '{split}' is not in '{path}' (splits: {', '.join(sorted(splits))}); "
                             f"set data.{key} to one of them")
+        if builder == "json":
+            from .calibration import check_json_records
+
+            check_json_records(splits[split])
         try:
             return datasets.load_dataset(builder, data_files=splits[split], split="train")
         except Exception as e:
@@ -162,7 +166,10 @@ def load_records(d: DataSection) -> tuple[list[dict], list[dict], str]:
         held = f"from [{d.split}] (seed {d.seed})"
     # Seeded orders: max_examples and the held-out cap take random subsets, not a file's head.
     train_idx = sorted(train_idx[:d.max_examples])
-    train, evals = ds.select(train_idx).to_list(), eval_ds.select(sorted(eval_idx)).to_list()
+    try:  # rows are decoded here: a damaged file (e.g. invalid UTF-8 in a parquet column) fails now
+        train, evals = ds.select(train_idx).to_list(), eval_ds.select(sorted(eval_idx)).to_list()
+    except Exception as e:
+        raise UserError(f"could not read the records of '{d.source}': {_first_line(e)}") from e
     where = "local" if Path(d.source).expanduser().exists() else "hub"
     name = d.source + (f"/{d.hub_config}" if d.hub_config and where == "hub" else "")
     return train, evals, f"{where}: {name} [{d.split}]: {len(train)} train, {len(evals)} held out {held}"

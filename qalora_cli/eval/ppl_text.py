@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.builtin_text import heldout_text
-from ..data.calibration import TEXT_SUFFIXES, take_field
+from ..data.calibration import TEXT_SUFFIXES, load_local, take_field
 from ..errors import UserError
 
 
@@ -17,9 +17,7 @@ def load_text(spec: str, config: str | None = None, split: str = "test", field: 
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix in TEXT_SUFFIXES:
-            import datasets
-
-            ds = datasets.load_dataset(TEXT_SUFFIXES[p.suffix], data_files=str(p), split="train")
+            ds = load_local(TEXT_SUFFIXES[p.suffix], str(p), str(p))
             text = "\n\n".join(take_field(ds, field, None, str(p), "pass --text-field"))
         else:
             text = p.read_text(encoding="utf-8", errors="replace")

@@ -64,12 +64,18 @@ def merged_loader(merger: LayerMerger, rows: list[dict] | None = None, on_layer=
 
 
 def _config_and_tokenizer(base: Path):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base)
+    from ..errors import UserError
+    from ..models.loading import load_tokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except Exception as e:  # a damaged config.json
+        raise UserError(f"'{base / 'config.json'}' could not be read: {(str(e).splitlines() or [''])[0]}") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    return config, AutoTokenizer.from_pretrained(base)
+    return config, load_tokenizer(base)
 
 
 def write_merged_gguf(merger: LayerMerger, base: Path, out_file: Path, float_type: str, on_layer=None) -> list[dict]:

@@ -135,11 +135,11 @@ def calibration_ids(cfg: RunConfig, adapter_cfg: dict, tokenizer) -> tuple[torch
 def refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, device,
           on_block=None) -> tuple[dict[str, QuantizedWeight], list[dict], dict]:
     """-> ({target: refitted weight with integer zeros}, report rows, summary)."""
-    from transformers import AutoTokenizer
+    from ..models.loading import load_tokenizer
 
     t0 = time.perf_counter()
     m: MergeSection = cfg.merge
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     calib, heldout, described = calibration_ids(cfg, adapter_cfg, tokenizer)
     model, grids, rounding, untouched = dense_merged_model(base, merger, device)
     q = QuantizeSection(bits=merger.bits, group_size=merger.group_size, damp_percent=cfg.quantize.damp_percent,

@@ -26,7 +26,11 @@ class LayerMerger:
         self.base, self.config, self.bits, self.group_size = base, adapter_config, bits, group_size
         self.targets: list[str] = list(adapter_config["targets"])
         self.scaling = float(adapter_config["scaling"])
-        self._adapter = StreamReader(Path(adapter_dir) / ADAPTER_WEIGHTS)
+        try:
+            self._adapter = StreamReader(Path(adapter_dir) / ADAPTER_WEIGHTS)
+        except Exception as e:
+            raise UserError(f"'{Path(adapter_dir) / ADAPTER_WEIGHTS}': corrupt adapter weights: "
+                            f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
         self.check()
 
     def check(self) -> None:
@@ -43,7 +47,12 @@ class LayerMerger:
                     raise UserError(f"{t} already holds a merged adapter (float zeros): merge onto the "
                                     "GPTQ base the adapter was trained on")
                 raise UserError(f"{t} lacks {', '.join(lacking)} in the model's weights")
+            self._check_layer(t)
             groups, out = self.base.shape(f"{t}.scales")
+            for k in ("lora_A", "lora_B"):
+                entry = self._adapter.entries.get(f"{t}.{k}")
+                if entry is None or not entry[0].is_floating_point:
+                    raise UserError(f"the adapter's weights lack a floating-point {t}.{k}")
             a = self._adapter.entries[f"{t}.lora_A"][1]
             b = self._adapter.entries[f"{t}.lora_B"][1]
             if a != (rank, groups) or b != (out, rank):
@@ -51,13 +60,35 @@ class LayerMerger:
                                 f"{groups} groups x {out} outputs (group size {self.config['group_size']} in "
                                 "the adapter)")
 
+    def _check_layer(self, t: str) -> None:
+        """The base layer's packed tensors agree with each other, bits and group size (a damaged
+        checkpoint is refused here, before anything is written)."""
+        shape, dtype = self.base.shape, self.base.dtype
+        g_idx = shape(f"{t}.g_idx")
+        in_f = g_idx[0] if len(g_idx) == 1 else -1
+        qweight, qzeros, scales = shape(f"{t}.qweight"), shape(f"{t}.qzeros"), shape(f"{t}.scales")
+        out = scales[1] if len(scales) == 2 else -1
+        groups = -(-in_f // self.group_size) if self.group_size > 0 else 1
+        fits = (in_f > 0 and out > 0 and qweight == (in_f * self.bits // 32, out) and scales == (groups, out)
+                and qzeros == (groups, out * self.bits // 32) and dtype(f"{t}.qweight") == torch.int32
+                and dtype(f"{t}.qzeros") == torch.int32 and dtype(f"{t}.g_idx") in (torch.int32, torch.int64)
+                and dtype(f"{t}.scales").is_floating_point)
+        if not fits:
+            raise UserError(f"{t}: the model's packed tensors do not agree with each other or with {self.bits} bits, "
+                            f"group size {self.group_size} (qweight {qweight}, qzeros {qzeros}, scales {scales}, "
+                            f"g_idx {g_idx})")
+
     def zeros_before_after(self, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, z') [groups, out] of one target layer; z' in float64."""
         scales = self.base.get(f"{target}.scales").float()
         zeros = decode_qzeros(self.base.get(f"{target}.qzeros"), self.bits, scales.shape[1])
         a = self._adapter.get(f"{target}.lora_A")
         b = self._adapter.get(f"{target}.lora_B")
-        return zeros, merge_zero_points(zeros, scales, self.base.get(f"{target}.g_idx"), a, b, self.scaling, target)
+        g_idx = self.base.get(f"{target}.g_idx")
+        if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < scales.shape[0]):
+            raise UserError(f"{target}.g_idx names groups outside 0..{scales.shape[0] - 1}: the model's weights are "
+                            "damaged")
+        return zeros, merge_zero_points(zeros, scales, g_idx, a, b, self.scaling, target)
 
     def close(self) -> None:
         self._adapter.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -83,9 +84,11 @@ def read_adapter_config(folder: str | Path) -> dict:
     if not cfg_path.is_file() or not w_path.is_file():
         raise UserError(f"'{folder}' is not a qalora adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"'{cfg_path}' is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"'{cfg_path}' is not an adapter config (a JSON object expected, got {type(config).__name__})")
     if config.get("format") != FORMAT:
         hint = " (a PEFT adapter: import it with `qalora adapter import-peft`)" if "peft_type" in config else ""
         raise UserError(f"'{folder}' is not a qalora adapter{hint}")
@@ -96,10 +99,29 @@ def read_adapter_config(folder: str | Path) -> dict:
             names = set(f.keys())
     except Exception as e:
         raise UserError(f"'{w_path}': corrupt adapter weights: {str(e).splitlines()[0]}") from e
+    check_adapter_config(config, cfg_path)
     for name in config["targets"]:
         if f"{name}.lora_A" not in names or f"{name}.lora_B" not in names:
             raise UserError(f"'{folder}': the weights lack the adapter of {name}")
     return config
+
+
+def check_adapter_config(config: dict, cfg_path: Path) -> None:
+    """Every field the readers use, with its type and range: a damaged file is refused in one line."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = {
+        "rank": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "alpha": lambda v: number(v) and v > 0,
+        "scaling": number,
+        "group_size": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "targets": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(t, str) and t for t in v),
+        "base": lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("path"), str),
+    }
+    for key, ok in checks.items():
+        if not ok(config.get(key)):
+            raise UserError(f"'{cfg_path}' is damaged: '{key}' is {config.get(key)!r:.60}")
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

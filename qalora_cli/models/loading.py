@@ -19,7 +19,7 @@ def load_model(m: ModelSection, device: str = "cpu"):
     src = resolve_source(m)
     kw = dict(gguf_file=src.gguf_file, revision=src.revision, trust_remote_code=m.trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.location, **kw)
+        tokenizer = check_tokenizer(AutoTokenizer.from_pretrained(src.location, **kw))
         model = AutoModelForCausalLM.from_pretrained(src.location, dtype=DTYPES[m.dtype], **kw)
     except Exception as e:  # the loading boundary: corrupt files, missing weights, no network
         raise UserError(f"could not load the model '{src.describe()}': {_first_line(e)}") from e
@@ -33,6 +33,25 @@ def load_model(m: ModelSection, device: str = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, src
+
+
+def load_tokenizer(path):
+    """A model folder's tokenizer (AutoTokenizer); damaged tokenizer files are refused in one line."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        return check_tokenizer(AutoTokenizer.from_pretrained(path))
+    except Exception as e:  # the loading boundary: tokenizer.json, tokenizer_config.json, ...
+        raise UserError(f"'{path}': could not load its tokenizer: {_first_line(e)}") from e
+
+
+def check_tokenizer(tokenizer):
+    """Encode and decode a probe: a tokenizer whose files load but hold values of the wrong type
+    (e.g. a list as model_max_length) fails here, inside the loading boundary, not mid-run."""
+    ids = tokenizer("Hello, world.\nHi")["input_ids"]
+    tokenizer.decode(ids)
+    return tokenizer
 
 
 def _first_line(e: Exception) -> str:

@@ -90,7 +90,12 @@ def weight_files(path: str | Path) -> list[Path]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+                raise ValueError("its weight_map does not name shard files of this folder")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"'{index}' is damaged: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
         return [path / n for n in names]
     single = path / "model.safetensors"
     if single.is_file():
@@ -111,7 +116,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' is not a quantized model folder (no config.json)")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # the loading boundary: a damaged config.json
+        raise UserError(f"'{path / 'config.json'}' could not be read: {_first_line(e)}") from e
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", MERGED_QUANT_METHOD):
@@ -120,10 +128,17 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") != "gptq":
         raise UserError(f"'{path}': checkpoint_format {qc.get('checkpoint_format')!r} is not supported; "
                         "qalora reads the GPTQ v1 layout ('gptq')")
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    if bits not in (2, 3, 4, 8) or not isinstance(group_size, int) or isinstance(group_size, bool) or \
+            not (group_size == -1 or group_size > 0):
+        raise UserError(f"'{path / 'config.json'}': quantization_config has bits {bits!r} and group_size "
+                        f"{group_size!r}; expected bits 2, 3, 4 or 8 and a group size > 0 (or -1)")
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.float16
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"'{path / 'config.json'}': dtype {dtype!r} is not a floating-point type")
 
     files = weight_files(path)
     try:
@@ -134,16 +149,25 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     except Exception as e:
         raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:  # a damaged config.json can describe a model no one can build
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:
+        raise UserError(f"'{path / 'config.json'}' describes no model transformers can build: "
+                        f"{_first_line(e)}") from e
     for key in keys:
         if key.endswith(".qweight"):
             name = key[: -len(".qweight")]
-            lin = model.get_submodule(name)
-            # A merged (qalora-format) layer holds float `zeros`; the others GPTQ `qzeros`.
-            kind = "float" if f"{name}.zeros" in keys else "int"
-            _set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, qc["bits"],
-                                                      qc["group_size"], lin.bias is not None, kind, dtype))
+            try:
+                lin = model.get_submodule(name)
+                if not isinstance(lin, nn.Linear):
+                    raise AttributeError(f"{name} is a {type(lin).__name__}, not a linear layer")
+                # A merged (qalora-format) layer holds float `zeros`; the others GPTQ `qzeros`.
+                kind = "float" if f"{name}.zeros" in keys else "int"
+                _set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, bits, group_size,
+                                                          lin.bias is not None, kind, dtype))
+            except (AttributeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+                raise UserError(f"'{path}': weights do not match the model config ({key}: {_first_line(e)})") from e
     state = {}
     try:
         for f in files:
@@ -151,10 +175,39 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
                 state.update({k: sf.get_tensor(k) for k in sf.keys()})
     except Exception as e:
         raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    _check_tensors(path, model, state)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"'{path}': weights do not match the model config ({_first_line(e)})") from e
     still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_empty or result.unexpected_keys:
         what = f"missing {still_empty[:3]}" if still_empty else f"unexpected {result.unexpected_keys[:3]}"
         raise UserError(f"'{path}': weights do not match the model config ({what})")
+    for name, m in model.named_modules():
+        if isinstance(m, TorchQuantLinear) and m.g_idx.numel() and not (
+                0 <= int(m.g_idx.min()) and int(m.g_idx.max()) < m.scales.shape[0]):
+            raise UserError(f"'{path}': {name}.g_idx names groups outside 0..{m.scales.shape[0] - 1}")
     return model.to(device=device, dtype=dtype).eval(), qc
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_tensors(path: Path, model: nn.Module, state: dict) -> None:
+    """Each stored tensor has the shape the config gives it, and a dtype of the same kind
+    (packed integers stay integers, float weights floats): else one line naming the tensor."""
+    want = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, t in state.items():
+        w = want.get(key)
+        if w is None:
+            continue  # unexpected keys are reported below, with what is missing
+        if w.dtype.is_floating_point:
+            same_kind = t.dtype.is_floating_point
+        else:  # packed words must be int32; a g_idx may be any integer type
+            same_kind = t.dtype == w.dtype or (key.endswith(".g_idx") and t.dtype in (torch.int16, torch.int64))
+        if tuple(t.shape) != tuple(w.shape) or not same_kind:
+            raise UserError(f"'{path}': weights do not match the model config ({key} is {t.dtype} "
+                            f"{tuple(t.shape)}, the config needs {w.dtype} {tuple(w.shape)})")

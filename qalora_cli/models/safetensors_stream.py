@@ -34,13 +34,30 @@ class StreamReader:
             if n > 100 << 20:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(self._fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
             self._base = 8 + n
             self.meta = header.pop("__metadata__", None) or {}
-            self.entries = {k: (CODE_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
-                            for k, v in header.items()}
+            if not isinstance(self.meta, dict) or not all(isinstance(v, str) for v in self.meta.values()):
+                raise ValueError("__metadata__ is not a mapping of strings")
+            self.entries = {k: self._entry(k, v) for k, v in header.items()}
         except Exception:
             self._fh.close()
             raise
+
+    def _entry(self, name: str, v) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+        """One header entry, checked against the file: a damaged header fails here, not later."""
+        try:
+            dtype, shape, (begin, end) = CODE_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"])
+            ok = all(type(d) is int and d >= 0 for d in shape) and type(begin) is int and type(end) is int
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}: damaged header entry {str(v)[:80]}")
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end or end - begin != size or self._base + end > self.path.stat().st_size:
+            raise ValueError(f"{name}: its bytes {begin}..{end} do not fit its shape {list(shape)} or the file")
+        return dtype, shape, (begin, end)
 
     def keys(self) -> list[str]:
         return sorted(self.entries)

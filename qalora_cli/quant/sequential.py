@@ -109,12 +109,16 @@ def _quantize_layer(weight: torch.Tensor, H: torch.Tensor, q: QuantizeSection) -
 #   -> (quantized weight, damping used or None)
 LayerQuantizer = Callable[[str, nn.Linear, torch.Tensor, "torch.Tensor | None"], tuple[QuantizedWeight, "float | None"]]
 
+# (full layer name, the weight aimed at, its quantized weight, its input Hessian) -> None
+LayerStatsHook = Callable[[str, torch.Tensor, QuantizedWeight, torch.Tensor], None]
+
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection, device: torch.device,
                    on_block: Callable[[int, int], None] | None = None,
                    quantize_layer: LayerQuantizer | None = None, heldout_ids: torch.Tensor | None = None,
-                   asymmetric: bool = False) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+                   asymmetric: bool = False, layer_stats: LayerStatsHook | None = None,
+                   ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
     """Quantize every linear layer of the decoder blocks in place (weights become W~) and
     return the quantized weights by full module name, with a report per layer.
 
@@ -122,7 +126,9 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
     sequential inputs: the GPTQ export of a merge re-rounds codes on a fixed grid with it.
     `heldout_ids` go through the same blocks without choosing anything: each layer's output
     error is also reported on them. With `asymmetric`, each layer aims at the output the model
-    as given (before any change) computes on its own inputs (quant/asymmetric.py)."""
+    as given (before any change) computes on its own inputs (quant/asymmetric.py).
+    `layer_stats(name, target, quantized weight, H)` is called for every layer while the weight it aimed at
+    and H are still at hand (lora/init_stats.py gathers what `lora.init` needs there)."""
     quantize_layer = quantize_layer or (lambda _name, w, H, _held: _quantize_layer(w, H, q))
     prefix, blocks = decoder_blocks(model)
     # Everything but the blocks (embeddings, final norm, head) goes to the device; each block
@@ -166,6 +172,8 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
                                     f"overflow in {lin.weight.dtype}; use model.dtype=float32")
                 err = output_error(w, approx, H)
                 held_err = output_error(w, approx, H_held) if held else None
+                if layer_stats is not None:
+                    layer_stats(full, target, qw, H)
                 lin.weight.data.copy_(approx.to(lin.weight.dtype))  # w may share its storage: errors first
                 results[full] = qw
                 reports.append(LayerReport(full, lin.in_features, lin.out_features, err, damp,

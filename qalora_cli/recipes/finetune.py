@@ -134,13 +134,19 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
     model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32) \
         if acc.device.type == "cuda" else torch.float32
     model, qc = load_quantized(base_dir, acc.device, model_dtype)
-    from transformers import AutoTokenizer
+    from ..models.loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     base_sha = checkpoint_sha256(base_dir)
     torch.manual_seed(t.seed)  # the same adapter initialization on every process
     adapters = inject_qalora(model, cfg.lora)
+    # Where the adapters start (lora.init); before anything is written, so a refusal leaves nothing behind.
+    # A resumed run takes its adapters from the checkpoint instead.
+    from ..lora.init_stats import initialize_adapters
+
+    init_report = {"method": cfg.lora.init, "resumed": True} if resume else \
+        initialize_adapters(cfg, base_dir, adapters, note=_note if acc.is_main_process else None)
     from ..kernels.registry import use_backend
 
     kernels = use_backend(model, t.kernel, model_dtype, need_grad=True)
@@ -176,7 +182,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
         run_dir.mkdir(parents=True)
     acc.wait_for_everyone()
 
-    # 4. The untrained model (B = 0: exactly the quantized base), measured once per run
+    # 4. The untrained model (lora.init zero: B = 0, exactly the quantized base), measured once per run
     baseline_path = run_dir / BASELINE_NAME
     run_obj = Run(acc, loss_model, lambda: adapter_state(adapters), params, optimizer, scheduler, train, held,
                   t, run_dir, pad_id, fingerprint, start_step)
@@ -200,6 +206,7 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
         "device": str(acc.device), "mixed_precision": acc.mixed_precision, "optimizer": opt_name,
         "gradient_checkpointing": _checkpointing_on(model),
         "steps": outcome["step"], "resumed_from": start_step or None, "interrupted": outcome["interrupted"],
+        "init": dict(init_report, step0_eval_loss=baseline["eval_loss"]),
         "before": baseline,
         "seconds": {"setup": round(t_setup - t0, 2), "train": round(t_train - t_setup, 2)},
         "tokens_per_s": run_obj.metrics[-1]["tokens_per_s"] if run_obj.metrics else None,
@@ -211,8 +218,11 @@ def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_prog
     # 6. The trained model, then the adapter, written so that a crash never leaves half of it
     # (a resumed run whose checkpoint was its last step trains nothing more: evaluate here)
     last_eval = run_obj.metrics[-1].get("eval_loss") if run_obj.metrics else None
-    report["after"] = {"eval_loss": last_eval if last_eval is not None else evaluate(run_obj),
-                       "generation": _exact_match(model, tokenizer, eval_records, cfg, acc)}
+    if outcome["step"] == 0:  # --max-steps 0: the initialized adapter, already measured
+        report["after"] = baseline
+    else:
+        report["after"] = {"eval_loss": last_eval if last_eval is not None else evaluate(run_obj),
+                           "generation": _exact_match(model, tokenizer, eval_records, cfg, acc)}
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     if acc.is_main_process:
         config = make_adapter_config(cfg.lora, adapters, qc, base_dir, base_sha, _base_model(base_dir),
@@ -230,26 +240,49 @@ def _restore(run_dir: Path, fingerprint: dict, adapters, optimizer, scheduler, a
                         f"(sha256 {str(state.get('base_sha256'))[:12]}..., now {fingerprint['base_sha256'][:12]}...)")
     for key in ("lora", "data", "batch"):
         if state.get(key) != fingerprint[key]:
-            changed = sorted(k for k in fingerprint[key] if state.get(key, {}).get(k) != fingerprint[key][k])
+            had = state.get(key) if isinstance(state.get(key), dict) else {}
+            changed = sorted(k for k in fingerprint[key] if had.get(k) != fingerprint[key][k])
             raise UserError(f"cannot resume: {key} settings differ from the checkpoint's ({', '.join(changed)}); "
                             "resume with the same config")
-    with torch.no_grad():
-        for name, m in adapters.items():
-            m.lora_A.copy_(tensors[f"{name}.lora_A"])
-            m.lora_B.copy_(tensors[f"{name}.lora_B"])
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas)))
     if rng.shape[0] != acc.num_processes:
         raise UserError(f"cannot resume: the checkpoint was made by {rng.shape[0]} process(es), this run has "
                         f"{acc.num_processes}")
-    set_rng_state(rng[acc.process_index])
+    try:  # what the checkpoint's files hold must fit this run's adapters, optimizer and schedule
+        with torch.no_grad():
+            for name, m in adapters.items():
+                a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+                if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape or not (a.is_floating_point()
+                                                                                   and b.is_floating_point()):
+                    raise ValueError(f"the adapter of {name} is {a.dtype} {tuple(a.shape)} / {tuple(b.shape)}")
+                m.lora_A.copy_(a)
+                m.lora_B.copy_(b)
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas)))
+        set_rng_state(rng[acc.process_index])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise UserError(f"checkpoint '{latest}' is damaged or does not fit this run "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); delete it to resume from the one "
+                        "before") from e
     step = state["step"]
     if acc.is_main_process:  # the metrics log continues from the checkpoint, as one curve
         log = run_dir / METRICS_NAME
         if log.is_file():
-            lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if _logged_step(ln) <= step]
             log.write_text("".join(ln + "\n" for ln in lines))
     return step
+
+
+def _logged_step(line: str) -> float:
+    """A metrics.jsonl line's step; a damaged line (a write cut short) is dropped as if after the end."""
+    try:
+        step = json.loads(line)["step"]
+        return step if isinstance(step, int) else float("inf")
+    except (ValueError, TypeError, KeyError):
+        return float("inf")
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _checkpointing_on(model) -> bool:
@@ -275,8 +308,18 @@ def _write_final(run_dir: Path, adapters, config: dict, report: dict) -> None:
     """Weights first, config last: a folder with adapter_config.json holds a whole adapter."""
     tmp = run_dir / ".final.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(tmp, adapters, config)
-    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        save_adapter(tmp, adapters, config)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    except Exception as e:
+        from ..output_dir import disk_full_error, folder_bytes, is_disk_full
+
+        written = folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            needs = sum(p.numel() * 4 for m in adapters.values() for p in (m.lora_A, m.lora_B))
+            raise disk_full_error(run_dir / "adapter_model.safetensors", written, needs) from e
+        raise
     for name in ("adapter_model.safetensors", REPORT_NAME, "adapter_config.json"):
         os.replace(tmp / name, run_dir / name)
     tmp.rmdir()

@@ -55,7 +55,12 @@ def _base_quantization(base: Path) -> dict:
     if method != "gptq":
         what = "a merged model" if method == MERGED_QUANT_METHOD else "not GPTQ"
         raise UserError(f"'{base}' is {what}: merge onto the GPTQ checkpoint the adapter was trained on")
-    return {**config["quantization_config"], "model_type": config.get("model_type")}
+    qc = config["quantization_config"]
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    if bits not in (2, 3, 4, 8) or type(group_size) is not int or not (group_size == -1 or group_size > 0):
+        raise UserError(f"'{base / 'config.json'}': quantization_config has bits {bits!r} and group_size "
+                        f"{group_size!r}; expected bits 2, 3, 4 or 8 and a group size > 0 (or -1)")
+    return {**qc, "model_type": config.get("model_type")}
 
 
 def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -85,7 +90,7 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
               "rank": adapter_cfg["rank"], "alpha": adapter_cfg["alpha"], "layers": len(adapter_cfg["targets"])}
     with CheckpointReader(base) as reader, LayerMerger(reader, adapter_dir, adapter_cfg, qc["bits"],
                                                                    qc["group_size"]) as merger, \
-            atomic_output_dir(out, overwrite) as tmp:
+            atomic_output_dir(out, overwrite, needs=sum(f.stat().st_size for f in reader.files)) as tmp:
         t_checked = time.perf_counter()
         refitted = None
         if m.format == "gptq" and m.rounding != "nearest":
@@ -176,10 +181,10 @@ def _rounding_summary(rows: list[dict]) -> dict:
 def verify(cfg: RunConfig, base: Path, adapter_dir: Path, out: Path, fmt: str, device) -> dict:
     """Logits, greedy tokens and perplexity of the output against the unmerged model. Raises
     (so the output is removed) when an exact format is beyond float rounding."""
-    from transformers import AutoTokenizer
+    from ..models.loading import load_tokenizer
 
     m = cfg.merge
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(base)
     probe = make_probe(tokenizer, m.verify_prompts, m.verify_tokens, m.generate_tokens,
                        m.ppl_tokens)
     if fmt == "mlx":  # no perplexity where MLX runs on the CPU (too slow): mlx_merge.py says why

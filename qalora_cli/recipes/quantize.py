@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config.schema import RunConfig
 from ..data.calibration import calibration_batches, describe
 from ..device import resolve_device
+from ..lora.init_stats import STATS_NAME, StatsCollector
 from ..models.loading import DTYPES, load_model
 from ..models.quantized_io import gptq_quantization_config, install_quant_linears, save_quantized
 from ..output_dir import atomic_output_dir, check_writable
@@ -38,11 +39,13 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
     calib = calibration_batches(cfg.calibration, tokenizer, model, device, note=_note if show_progress else None)
     t_loaded = time.perf_counter()
 
+    dtype = DTYPES[cfg.output.dtype]
+    # What lora.init svd/quailora start from, gathered while W, W~ and H are at hand (lora/init_stats.py)
+    stats = StatsCollector(scale_dtype=dtype) if cfg.output.init_stats else None
     with block_progress("quantizing blocks", enabled=show_progress) as advance:
-        weights, layers = quantize_model(model, calib, q, device, on_block=advance)
+        weights, layers = quantize_model(model, calib, q, device, on_block=advance, layer_stats=stats)
     t_quant = time.perf_counter()
 
-    dtype = DTYPES[cfg.output.dtype]
     install_quant_linears(model, weights, dtype)
     report = {
         "model": src.describe(),
@@ -60,10 +63,13 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
         "seconds": {"load_and_calibration_data": round(t_loaded - t_start, 2),
                     "quantize": round(t_quant - t_loaded, 2)},
         "mean_rel_output_error": sum(r.rel_output_error for r in layers) / max(1, len(layers)),
+        "init_stats": STATS_NAME if stats is not None else None,
         "layers": [r.as_dict() for r in layers],
     }
     with atomic_output_dir(cfg.output.dir, cfg.output.overwrite) as tmp:
         save_quantized(model, tokenizer, tmp, gptq_quantization_config(q), dtype, cfg.output.max_shard_size)
+        if stats is not None:
+            stats.save(tmp)
         report["seconds"]["save"] = round(time.perf_counter() - t_quant, 2)
         report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

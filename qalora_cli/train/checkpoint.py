@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..output_dir import disk_full_error, folder_bytes, is_disk_full
 
 STATE = "trainer_state.json"
 
@@ -81,14 +82,22 @@ def save_checkpoint(run_dir: Path, step: int, adapter_tensors: dict[str, torch.T
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(adapter_tensors, tmp / "adapter_model.safetensors")
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({"rng": rng_states.contiguous()}, tmp / "rng.safetensors")
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    state = dict(info, step=step, optimizer=opt_meta, scheduler=sched)
-    (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
+    try:
+        tmp.mkdir()
+        save_file(adapter_tensors, tmp / "adapter_model.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file({"rng": rng_states.contiguous()}, tmp / "rng.safetensors")
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        state = dict(info, step=step, optimizer=opt_meta, scheduler=sched)
+        (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
+    except Exception as e:
+        written = folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            needs = sum(t.numel() * t.element_size() for d in (adapter_tensors, opt_tensors) for t in d.values())
+            raise disk_full_error(final, written, needs + rng_states.numel() * rng_states.element_size()) from e
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -106,7 +115,11 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, to
         adapter = load_file(path / "adapter_model.safetensors")
         optimizer = unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
         rng = load_file(path / "rng.safetensors")["rng"]
+        if not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+            raise ValueError(f"{STATE}: 'step' is {state.get('step')!r}, not a step number")
+        if rng.dim() != 2 or rng.dtype != torch.uint8:
+            raise ValueError(f"rng.safetensors: 'rng' is {rng.dtype} {tuple(rng.shape)}, not uint8 [processes, n]")
     except Exception as e:
-        raise UserError(f"checkpoint '{path}' is damaged ({str(e).splitlines()[0]}); delete it to resume "
-                        "from the one before") from e
+        raise UserError(f"checkpoint '{path}' is damaged ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                        "delete it to resume from the one before") from e
     return state, adapter, optimizer, rng

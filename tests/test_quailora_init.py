@@ -1,0 +1,305 @@
+"""`lora.init` (zero | svd | quailora): the closed form against independent float64 solves, the
+objective never above zero init's, the adapter's update equal to M* E^T, the statistics `quantize`
+stores equal to the ones recomputed from the original model, `finetune --max-steps 0` saving the
+initialized adapter, its exact merge, and every refusal."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config_dict
+from qalora_cli.cli.app import app
+from qalora_cli.config.loader import validate
+from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
+from qalora_cli.lora import init as init_math
+from qalora_cli.lora.init_stats import STATS_NAME, layer_stats, load_stats, quantized_weights, recompute_stats
+from qalora_cli.lora.inject import inject_qalora
+from qalora_cli.lora.qalora_linear import QALoraLinear
+from qalora_cli.models.quantized_io import load_quantized
+from qalora_cli.quant.rtn import rtn_quantize
+from qalora_cli.recipes import finetune as finetune_recipe
+from qalora_cli.recipes.quantize import run as quantize
+
+runner = CliRunner()
+
+
+# ---------- the math, against float64 numpy computed from X itself ----------
+
+def _problem(seed, out=12, n=48, g=8, tokens=200, scattered=False, deficient=False):
+    rng = np.random.default_rng(seed)
+    L = n // g
+    g_idx = np.arange(n) // g
+    if scattered:  # act-order: a group's columns anywhere
+        g_idx = rng.permutation(g_idx)
+    X = rng.normal(size=(n, tokens)) * rng.uniform(0.2, 3, size=(n, 1))
+    X[: n // 4] += rng.normal(size=(1, tokens))  # correlated inputs, as a layer's are
+    if deficient:  # fewer tokens than groups can tell apart
+        X = X[:, : L - 1]
+    R = rng.normal(size=(out, n)) * 0.01 + rng.normal(size=(out, 1)) * 0.01
+    E = np.eye(L)[g_idx]
+    H = 2 * X @ X.T / X.shape[1]
+    return R, X, E, H, g_idx, L
+
+
+def _stats(R, H, g_idx, L):
+    s = layer_stats(torch.tensor(R), torch.zeros(R.shape, dtype=torch.float64), torch.tensor(H),
+                    torch.tensor(g_idx), L)
+    return s["C"].double(), s["G"].double(), float(s["rhr"])
+
+
+def _f(M, R, X, E):
+    """|(R - M E^T) X|^2, normalized as H is (2/N)."""
+    return float(np.sum(((R - M @ E.T) @ X) ** 2) * 2 / X.shape[1])
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+def test_full_rank_limit_is_the_least_squares_solution(scattered):
+    R, X, E, H, g_idx, L = _problem(0, scattered=scattered)
+    C, G, _ = _stats(R, H, g_idx, L)
+    M = init_math.full_rank_delta(C, G).numpy()
+    # row by row: min |X^T E m - X^T r|, numpy's lstsq on the inputs themselves
+    Z = X.T @ E
+    ref = np.stack([np.linalg.lstsq(Z, X.T @ r, rcond=None)[0] for r in R])
+    assert np.allclose(M, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    # and the rank-r closed form at r >= L is it
+    assert np.allclose(init_math.quailora_delta(C, G, L).numpy(), M, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+@pytest.mark.parametrize("scattered", [False, True])
+def test_rank_r_closed_form_is_reduced_rank_regression(rank, scattered):
+    R, X, E, H, g_idx, L = _problem(1 + rank, scattered=scattered)
+    C, G, rhr = _stats(R, H, g_idx, L)
+    M = init_math.quailora_delta(C, G, rank).numpy()
+    assert np.linalg.matrix_rank(M, tol=1e-10 * np.abs(M).max()) == rank
+    # Independent: reduced-rank regression (Izenman): project the least-squares fit Y^ = M_ls Z onto
+    # its top-r left singular vectors, M* = P_r M_ls, everything from X in numpy float64.
+    Y, Z = R @ X, E.T @ X
+    M_ls = np.linalg.lstsq(Z.T, Y.T, rcond=None)[0].T
+    U = np.linalg.svd(M_ls @ Z, full_matrices=False)[0][:, :rank]
+    ref = U @ U.T @ M_ls
+    assert np.allclose(M, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    # QuAILoRA's alternating solve (A := R H B (B^T H B)^-1 form, adapted) converges to the same value
+    # min over A [out, r], B [L, r] of |Y - A B^T Z|^2, each half-step an exact least-squares solve
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(L, rank))
+    ZZ = Z @ Z.T
+    for _ in range(500):
+        A = Y @ Z.T @ B @ np.linalg.inv(B.T @ ZZ @ B)
+        B = (np.linalg.inv(A.T @ A) @ A.T @ Y @ Z.T @ np.linalg.inv(ZZ)).T
+    f_als = _f(A @ B.T, R, X, E)
+    f_closed = _f(M, R, X, E)
+    assert f_closed <= f_als * (1 + 1e-9) and f_als <= f_closed * (1 + 1e-4)
+    # the statistics give the objective exactly as X does
+    assert init_math.objective(torch.tensor(M), C, G, rhr) == pytest.approx(f_closed, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_quailora_never_worse_than_zero_or_svd_on_its_calibration_data(seed):
+    # random problems (a property test; hypothesis is not a dependency): ranks, layouts, rank-deficient inputs
+    pick = np.random.default_rng(1000 + seed)
+    rank, scattered, deficient = int(pick.integers(1, 9)), bool(pick.integers(2)), bool(pick.integers(2))
+    R, X, E, H, g_idx, L = _problem(seed, out=int(pick.integers(1, 20)), g=int(pick.choice([4, 8, 16])),
+                                    scattered=scattered, deficient=deficient)
+    C, G, _ = _stats(R, H, g_idx, L)
+    f_zero = _f(np.zeros((R.shape[0], L)), R, X, E)
+    f_q = _f(init_math.quailora_delta(C, G, rank).numpy(), R, X, E)
+    counts = torch.tensor(np.bincount(g_idx, minlength=L))
+    R_mean = torch.tensor(R @ E / np.bincount(g_idx, minlength=L))
+    f_svd = _f(init_math.svd_delta(R_mean, counts, rank).numpy(), R, X, E)
+    tol = 1e-6 * f_zero  # the ridge (1e-6 of G's mean diagonal)
+    assert f_q <= f_zero + tol
+    assert f_q <= f_svd + tol
+
+
+def test_svd_init_is_numpy_svd_of_the_group_means():
+    rng = np.random.default_rng(3)
+    R = rng.normal(size=(10, 64))
+    g_idx = np.arange(64) // 16
+    means = np.stack([R[:, g_idx == j].mean(1) for j in range(4)], 1)
+    U, S, Vh = np.linalg.svd(means)
+    for rank in (1, 2, 4, 9):
+        k = min(rank, 4)
+        ref = (U[:, :k] * S[:k]) @ Vh[:k]
+        s = layer_stats(torch.tensor(R), torch.zeros(10, 64, dtype=torch.float64), torch.eye(64),
+                        torch.tensor(g_idx), 4)
+        got = init_math.svd_delta(s["R_mean"].double(), torch.full((4,), 16), rank).numpy()
+        assert np.allclose(got, ref, atol=1e-6)
+
+
+# ---------- the adapter carries M* exactly ----------
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("rank", [2, 16])
+def test_the_adapter_update_equals_M_E_transpose(act_order, rank):
+    torch.manual_seed(0)
+    W = torch.randn(32, 64) * 0.1
+    qw = rtn_quantize(W, 4, 16)
+    if act_order:
+        perm = torch.randperm(64)
+        qw.g_idx = qw.g_idx[perm].contiguous()
+    layer = QALoraLinear(TorchQuantLinear.from_quantized(qw, None, "int", torch.float32), rank, alpha=16)
+    A0 = layer.lora_A.detach().clone()
+    M = init_math.svd_delta(torch.randn(32, 4, dtype=torch.float64) * 1e-2, torch.ones(4), rank)  # rank <= r
+    A, B = init_math.adapter_factors(M, layer.pool.counts, layer.scaling, layer.lora_A)
+    with torch.no_grad():
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    assert torch.allclose(layer.delta_groups(), M, atol=1e-7 * M.abs().max())
+    E = torch.nn.functional.one_hot(qw.g_idx.long(), 4).double()
+    x = torch.randn(5, 64)
+    ref = x.double() @ (M @ E.t()).t()
+    assert torch.allclose(layer.adapter_output(x).double(), ref, atol=1e-5 * ref.abs().max())
+    used = min(rank, 4)
+    # rank the update does not need keeps the zero init's random A rows and zero B columns
+    assert torch.equal(layer.lora_A[used:], A0[used:]) and not layer.lora_B[:, used:].any()
+
+
+# ---------- the statistics: stored by quantize, recomputed from the original model ----------
+
+@pytest.fixture(scope="module")
+def qbase(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qi") / "int3"
+    quantize(validate(tiny_config_dict(tiny_model_dir, out, bits=3, group_size=16, act_order=True), "t"),
+             show_progress=False)
+    return out
+
+
+def ft_dict(tiny_model_dir, qbase, adapter_dir, init="quailora", rank=4, **train):
+    d = tiny_config_dict(tiny_model_dir, qbase, bits=3, group_size=16, act_order=True)
+    d["lora"] = {"rank": rank, "alpha": 16, "dropout": 0.0, "init": init}
+    d["data"] = {"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
+                 "eval_max_examples": 16}
+    t = {"adapter_dir": str(adapter_dir), "device": "cpu", "micro_batch_size": 4, "batch_size": 8,
+         "max_steps": 0, "exact_match_examples": 0, "mixed_precision": "no"}
+    t.update(train)
+    d["train"] = t
+    return d
+
+
+def test_stored_statistics_equal_the_recomputed_ones(tiny_model_dir, qbase):
+    stored = load_stats(qbase)
+    assert stored is not None and len(stored) == 14
+    cfg = validate(ft_dict(tiny_model_dir, qbase, "unused"), "t")
+    model, _ = load_quantized(qbase, dtype=torch.float32)
+    adapters = inject_qalora(model, cfg.lora)
+    again = recompute_stats(cfg, cfg.model, quantized_weights(adapters))
+    for name, s in stored.items():
+        r = again[name]
+        assert s.C.shape == (adapters[name].out_features, adapters[name].groups)
+        # The first layers see the same inputs in both passes: equal. Later ones differ by what the quantize
+        # pass feeds downstream (W~ with float32 scales; the checkpoint, and so the recomputation, holds fp16).
+        first = name.startswith("model.layers.0.self_attn.") and name[-6:] in ("q_proj", "k_proj", "v_proj")
+        tol = 1e-5 if first else 1e-2
+        for a, b in ((s.C, r.C), (s.G, r.G), (s.R_mean, r.R_mean)):
+            assert float((a - b).norm()) <= tol * float(b.norm())
+        assert s.rhr == pytest.approx(r.rhr, rel=tol)
+    # the file is safetensors with its format named
+    from safetensors import safe_open
+
+    with safe_open(qbase / STATS_NAME, "pt") as f:
+        assert f.metadata()["format"] == "qalora-init-stats"
+
+
+def _copy_without_stats(qbase, dst):
+    shutil.copytree(qbase, dst)
+    (dst / STATS_NAME).unlink()
+    return dst
+
+
+def test_max_steps_0_saves_the_init_and_it_merges_exactly(tiny_model_dir, qbase, tmp_path):
+    reports = {}
+    for init in ("zero", "svd", "quailora"):
+        rep = finetune_recipe.run(validate(ft_dict(tiny_model_dir, qbase, tmp_path / init, init=init), "t"),
+                                  show_progress=False)
+        assert rep["steps"] == 0 and rep["after"] == rep["before"]
+        assert rep["init"]["method"] == init and rep["init"]["step0_eval_loss"] == rep["before"]["eval_loss"]
+        assert (tmp_path / init / "adapter_model.safetensors").is_file()
+        reports[init] = rep
+    q = reports["quailora"]["init"]
+    assert q["stats"] == STATS_NAME and 0 <= q["mean_remaining_error"] < 1
+    assert q["mean_remaining_error"] <= reports["svd"]["init"]["mean_remaining_error"] + 1e-9
+    assert all(row["remaining_error"] >= row["full_rank_remaining_error"] - 1e-9 for row in q["layers"])
+    assert reports["quailora"]["before"]["eval_loss"] != reports["zero"]["before"]["eval_loss"]
+
+    # the fallback (no stored statistics: recomputed from the original model) gives the same adapter
+    bare = _copy_without_stats(qbase, tmp_path / "bare")
+    rep = finetune_recipe.run(validate(ft_dict(tiny_model_dir, bare, tmp_path / "fallback"), "t"),
+                              show_progress=False)
+    assert rep["init"]["stats"].startswith("recomputed from")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "quailora" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "fallback" / "adapter_model.safetensors")
+    for k in (k[: -len(".lora_A")] for k in a if k.endswith(".lora_A")):  # the update B A (factors: up to signs)
+        ua, ub = a[f"{k}.lora_B"] @ a[f"{k}.lora_A"], b[f"{k}.lora_B"] @ b[f"{k}.lora_A"]
+        assert float((ua - ub).norm()) <= 2e-2 * float(ua.norm())  # the statistics' 1e-3 (test above), amplified
+
+    # qalora merge of the untrained, initialized adapter: exact (float zero points), verified
+    out = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", "--config", "smollm2-135m-int4", "--model", str(qbase), "--adapter",
+                            str(tmp_path / "quailora"), "--output", str(out), "merge.ppl_tokens=600",
+                            "merge.verify_tokens=32", "merge.device=cpu"])
+    assert r.exit_code == 0, r.output
+    v = json.loads((out / "merge_report.json").read_text())["verification"]
+    assert v["verdict"] == "pass" and v["relative"] < 1e-5
+    # the merged model's loss on the held-out task equals the init's step-0 loss
+    rep = finetune_recipe.run(validate(ft_dict(tiny_model_dir, out, tmp_path / "on-merged", init="zero"), "t"),
+                              show_progress=False)
+    assert rep["before"]["eval_loss"] == pytest.approx(reports["quailora"]["before"]["eval_loss"], rel=1e-4)
+
+
+def test_init_then_training_runs_and_resumes(tiny_model_dir, qbase, tmp_path):
+    rep = finetune_recipe.run(validate(ft_dict(tiny_model_dir, qbase, tmp_path / "a", max_steps=2,
+                                               learning_rate=1e-3, eval_every=2, save_every=2), "t"),
+                              show_progress=False)
+    assert rep["steps"] == 2 and rep["init"]["method"] == "quailora" and rep["after"]["eval_loss"] > 0
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_model_dir, qbase, tmp_path):
+    def ft(d, *args):
+        f = tmp_path / "ft.yaml"
+        f.write_text(yaml.safe_dump(d))
+        r = runner.invoke(app, ["finetune", "--config", str(f), *args])
+        return r.exit_code, r.output.strip()
+
+    out = tmp_path / "adapter"
+    # no statistics, and the original model recorded by the checkpoint is gone
+    bare = _copy_without_stats(qbase, tmp_path / "bare")
+    rep = json.loads((bare / "quantize_report.json").read_text())
+    rep["model"] = str(tmp_path / "deleted-model")
+    (bare / "quantize_report.json").write_text(json.dumps(rep))
+    for init in ("quailora", "svd"):
+        code, text = ft(ft_dict(tiny_model_dir, bare, out, init=init))
+        assert code == 2 and len(text.splitlines()) == 1, text
+        assert f"lora.init={init} needs" in text and "qalora quantize" in text and "cannot be found" in text
+    # no statistics and no quantize report at all
+    (bare / "quantize_report.json").unlink()
+    code, text = ft(ft_dict(tiny_model_dir, bare, out))
+    assert code == 2 and "no quantize_report.json" in text and "qalora quantize" in text
+    # a corrupt statistics file
+    (bare / STATS_NAME).write_bytes(b"not safetensors")
+    code, text = ft(ft_dict(tiny_model_dir, bare, out))
+    assert code == 2 and "corrupt statistics" in text
+    # statistics of another checkpoint (another group size)
+    other = tmp_path / "g32"
+    quantize(validate(tiny_config_dict(tiny_model_dir, other, bits=3, group_size=32), "t"), show_progress=False)
+    shutil.copy(other / STATS_NAME, bare / STATS_NAME)
+    code, text = ft(ft_dict(tiny_model_dir, bare, out))
+    assert code == 2 and "re-run `qalora quantize`" in text and "groups" in text
+    # an unknown init, a negative step count
+    code, text = ft(ft_dict(tiny_model_dir, qbase, out, init="loftq"))
+    assert code == 2 and "lora.init" in text and "quailora" in text
+    code, text = ft(ft_dict(tiny_model_dir, qbase, out), "--max-steps", "-1")
+    assert code == 2 and "max_steps" in text
+    assert not out.exists()  # nothing written by any failure
+    # quantize can leave the statistics out
+    no = tmp_path / "nostats"
+    quantize(validate(dict(tiny_config_dict(tiny_model_dir, no, bits=3, group_size=16),
+                           output={"dir": str(no), "init_stats": False}), "t"), show_progress=False)
+    assert not (no / STATS_NAME).exists()
