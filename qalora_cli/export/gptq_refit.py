@@ -34,11 +34,8 @@ from ..quant.result import QuantizedWeight
 from ..quant.scale_refit import refit_scales
 from ..quant.sequential import quantize_model
 from .layer_merge import LayerMerger
+from ..models.modules import set_module
 
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def dense_merged_model(base: Path, merger: LayerMerger, device) -> tuple[nn.Module, dict, dict, dict]:
@@ -66,7 +63,7 @@ def dense_merged_model(base: Path, merger: LayerMerger, device) -> tuple[nn.Modu
         lin.weight.data = qw.dequantize().float()  # float64 zeros -> the exact merge, in float32
         if mod.bias is not None:
             lin.bias.data = mod.bias.data.float()
-        _set_module(model, name, lin)
+        set_module(model, name, lin)
     return model.to(device), grids, rounding, untouched
 
 

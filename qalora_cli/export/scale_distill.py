@@ -21,6 +21,7 @@ from torch import nn
 
 from ..quant.grid import expand_groups
 from ..quant.result import QuantizedWeight
+from ..models.modules import set_module
 
 
 class ScaleTunedLinear(nn.Module):
@@ -47,10 +48,6 @@ class ScaleTunedLinear(nn.Module):
         return replace(self.qw, scales=self.scales().detach().half().float())
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per token, averaged."""
@@ -76,7 +73,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, Qu
     for name, qw in weights.items():
         old = student.get_submodule(name)
         tuned[name] = ScaleTunedLinear(qw, old.bias).to(device)
-        _set_module(student, name, tuned[name])
+        set_module(student, name, tuned[name])
     for p in student.parameters():
         p.requires_grad_(False)
     params = [m.u for m in tuned.values()]

@@ -10,6 +10,7 @@ from ..config.schema import LoraSection
 from ..errors import UserError
 from ..kernels.torch_quant_linear import TorchQuantLinear
 from ..models.blocks import decoder_blocks
+from ..models.modules import set_module
 from .qalora_linear import QALoraLinear
 
 
@@ -50,10 +51,6 @@ def check_group_size(model: nn.Module, names: list[str], group_size: int | None)
                             f"({n}); QA-LoRA pools over the checkpoint's groups: leave lora.group_size unset")
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
 
 def inject_qalora(model: nn.Module, lora: LoraSection) -> dict[str, QALoraLinear]:
     """Wrap the target layers; only the adapters' A and B train afterwards."""
@@ -64,7 +61,7 @@ def inject_qalora(model: nn.Module, lora: LoraSection) -> dict[str, QALoraLinear
     adapters = {}
     for n in names:
         wrapped = QALoraLinear(model.get_submodule(n), lora.rank, lora.alpha, lora.dropout)
-        _set_module(model, n, wrapped)
+        set_module(model, n, wrapped)
         adapters[n] = wrapped
     return adapters
 

@@ -17,6 +17,7 @@ from ..config.schema import QuantizeSection
 from ..errors import UserError
 from ..kernels.torch_quant_linear import TorchQuantLinear
 from ..quant.result import QuantizedWeight
+from .modules import set_module
 
 
 MERGED_QUANT_METHOD = "qalora"  # float zero points: no GPTQ reader may take these files for its own
@@ -63,16 +64,11 @@ def _version() -> str:
     return __version__
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 def install_quant_linears(model: nn.Module, weights: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
     """Replace each named nn.Linear by a TorchQuantLinear holding its quantized weight."""
     for name, qw in weights.items():
         lin = model.get_submodule(name)
-        _set_module(model, name, TorchQuantLinear.from_quantized(qw, lin.bias, "int", dtype))
+        set_module(model, name, TorchQuantLinear.from_quantized(qw, lin.bias, "int", dtype))
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: Path, quantization_config: dict,
@@ -164,7 +160,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
                     raise AttributeError(f"{name} is a {type(lin).__name__}, not a linear layer")
                 # A merged (qalora-format) layer holds float `zeros`; the others GPTQ `qzeros`.
                 kind = "float" if f"{name}.zeros" in keys else "int"
-                _set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, bits, group_size,
+                set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, bits, group_size,
                                                           lin.bias is not None, kind, dtype))
             except (AttributeError, ValueError, RuntimeError, ZeroDivisionError) as e:
                 raise UserError(f"'{path}': weights do not match the model config ({key}: {_first_line(e)})") from e
