@@ -67,3 +67,25 @@ def tiny_config_dict(model_dir, out_dir, **quantize):
         "calibration": {"source": "builtin", "num_samples": 8, "seq_len": 64, "seed": 0},
         "output": {"dir": str(out_dir)},
     }
+
+
+# A chat template for the tiny tokenizer (generate/chat/eval stream tests)
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def text_ids(tok, n):
+    """The first n tokens of the built-in held-out text."""
+    from qalora_cli.data.builtin_text import heldout_text
+
+    return tok(heldout_text(), add_special_tokens=False)["input_ids"][:n]
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    make_tiny_llama(len(tok), max_position_embeddings=512).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -6,7 +6,6 @@ paper's code does, after), the token loop, the text stream, conversations, and t
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from typer.testing import CliRunner
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import CHAT_TEMPLATE as TEMPLATE, make_tiny_llama, make_tokenizer, text_ids
 from test_merge import bases, merge_cli  # noqa: F401  (module fixture: tiny GPTQ bases and an adapter)
 from qalora_cli.cli.app import app
 from qalora_cli.errors import UserError
@@ -25,9 +24,6 @@ from qalora_cli.stream.decode import Sampling, TextStream, feed, generate_tokens
 from qalora_cli.stream.sink_cache import SinkCache, rotate_keys
 
 runner = CliRunner()
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
-
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -35,12 +31,6 @@ def tiny():
     tok.chat_template = TEMPLATE
     model = make_tiny_llama(len(tok), max_position_embeddings=512).double().eval()
     return model, tok
-
-
-def text_ids(tok, n):
-    from qalora_cli.data.builtin_text import heldout_text
-
-    return tok(heldout_text(), add_special_tokens=False)["input_ids"][:n]
 
 
 def stepwise_logits(model, cache, ids):
@@ -200,16 +190,6 @@ def test_models_without_usable_rope_are_refused(tiny):
 
 
 # ---- the CLI ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-chat")
-    tok = make_tokenizer()
-    tok.chat_template = TEMPLATE
-    make_tiny_llama(len(tok), max_position_embeddings=512).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 def cli(*args):
     return runner.invoke(app, [*args, "--device", "cpu", "--dtype", "float32"])
@@ -374,65 +354,3 @@ def test_chat_in_a_terminal(chat_model_dir):
         if proc.poll() is None:
             proc.kill()
         os.close(main)
-
-
-# ---- eval stream ------------------------------------------------------------------------------
-
-def eval_stream(tmp_path, model_dir, *args):
-    out, png = tmp_path / "stream.json", tmp_path / "stream.png"
-    r = cli("eval", "stream", "--model", str(model_dir), "--output-json", str(out), "--plot", str(png), *args)
-    assert r.exit_code == 0, r.output
-    return json.loads(out.read_text()), png
-
-
-def test_eval_stream_variants_against_a_dense_forward(chat_model_dir, tmp_path):
-    """Dense and sinks read one token at a time equal one dense forward before the cache fills;
-    recompute with a context wider than the text scores exactly those positions."""
-    tok = AutoTokenizer.from_pretrained(chat_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
-    ids = text_ids(tok, 120)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
-    nll = -logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-    r, png = eval_stream(tmp_path, chat_model_dir, "--max-tokens", "120", "--attention", "dense,sinks,recompute",
-                         "--sinks", "4", "--window", "200", "--recompute-every", "7", "--chunk-tokens", "40")
-    for key in ("ppl", "tokens", "tokens_per_s", "peak_cache_tokens"):
-        assert key in r
-    want = math.exp(float(nll.mean()))
-    v = r["variants"]
-    assert math.isclose(v["dense"]["ppl"], want, rel_tol=1e-4) and math.isclose(v["sinks"]["ppl"], want, rel_tol=1e-4)
-    assert v["dense"]["tokens"] == 119 and len(v["dense"]["chunks"]) == 3
-    at = list(range(7, 120, 7))
-    assert v["recompute"]["tokens"] == len(at)
-    assert math.isclose(v["recompute"]["ppl"], math.exp(float(nll[[t - 1 for t in at]].mean())), rel_tol=1e-4)
-    assert math.isclose(v["sinks"]["ppl_on_recompute_positions"], v["recompute"]["ppl"], rel_tol=1e-4)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_eval_stream_past_the_cache(chat_model_dir, tmp_path):
-    r, _ = eval_stream(tmp_path, chat_model_dir, "--max-tokens", "300", "--attention", "sinks,window,dense",
-                       "--sinks", "4", "--window", "60")
-    v = r["variants"]
-    assert v["sinks"]["peak_cache_tokens"] == 64 and v["window"]["peak_cache_tokens"] == 64
-    assert v["window"]["sinks"] == 0 and v["window"]["window"] == 64
-    assert v["dense"]["peak_cache_tokens"] == 299 and v["sinks"]["evicted"] == 299 - 64  # the last token is scored, never read
-    assert v["sinks"]["peak_cache_bytes"] < v["dense"]["peak_cache_bytes"]
-    assert v["sinks"]["ppl"] != v["window"]["ppl"] != v["dense"]["ppl"]
-    w, _ = eval_stream(tmp_path, chat_model_dir, "--max-tokens", "100", "--attention", "window", "--sinks", "0",
-                       "--window", "30")
-    assert w["peak_cache_tokens"] == 30
-
-
-@pytest.mark.parametrize("args,words", [
-    (["--attention", "sparse"], "--attention"),
-    (["--attention", "sinks,sinks"], "twice"),
-    (["--attention", "sinks", "--sinks", "0"], "window"),
-    (["--window", "0"], "--window"),
-    (["--max-tokens", "1"], "--max-tokens"),
-    (["--recompute-every", "0"], "--recompute-every"),
-    (["--output-json", "no/such/dir/x.json"], "does not exist"),
-])
-def test_eval_stream_bad_input_is_one_line_and_exit_2(chat_model_dir, args, words):
-    r = cli("eval", "stream", "--model", str(chat_model_dir), *args)
-    assert r.exit_code == 2, r.output
-    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1
