@@ -216,3 +216,15 @@ def test_overlong_examples_are_counted_in_the_report(tiny_model_dir, qbase, tmp_
     stats = report["data_stats"]
     assert stats["skipped"] > 0 and stats["examples"] + stats["skipped"] == 140
     assert report["train_examples"] == stats["examples"]
+
+
+def test_two_fine_tunes_with_other_precisions_run_in_one_process(tiny_model_dir, qbase, tmp_path):
+    """A recipe runs several fine-tunes in one process: the second may ask for another precision
+    (accelerate's process-wide state refused that before), and it really trains in bf16."""
+    first = finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, tmp_path / "a", max_steps=2, eval_every=2,
+                                       save_every=2, mixed_precision="no"), show_progress=False)
+    second = finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, tmp_path / "b", max_steps=2, eval_every=2,
+                                        save_every=2, mixed_precision="bf16"), show_progress=False)
+    assert first["after"]["eval_loss"] != second["after"]["eval_loss"]
+    # bf16 autocast rounds the forward: the two curves start from one model and already differ at step 1
+    assert losses(tmp_path / "a")[0]["loss"] != losses(tmp_path / "b")[0]["loss"]

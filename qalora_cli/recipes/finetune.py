@@ -72,6 +72,13 @@ def _accelerator(device: torch.device, mixed_precision: str):
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
+        # a recipe (or a test session) runs several fine-tunes in one process, so start each afresh.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[ddp])
 
 
