@@ -1,5 +1,7 @@
 """The typed config: built-ins validate, overrides apply, and every mistake names its key."""
 
+from pathlib import Path
+
 import pytest
 
 from qalora_cli.config.loader import apply_override, builtin_names, find_config, load_config, validate
@@ -62,3 +64,16 @@ def test_bad_yaml_and_bad_override(tmp_path):
         apply_override({}, "quantize.bits")
     with pytest.raises(UserError, match="'bits' is not a section"):
         apply_override({"bits": 4}, "bits.x=1")
+
+
+def test_a_builtin_config_is_found_by_its_file_name_from_any_folder(tmp_path, monkeypatch):
+    """The model card's usage line `--config llama2-7b-int4.yaml` names the built-in when no such file is here;
+    a file of that name in the current folder wins, and a path that does not exist stays an error."""
+    monkeypatch.chdir(tmp_path)
+    assert find_config("llama2-7b-int4.yaml") == find_config("llama2-7b-int4")
+    (tmp_path / "llama2-7b-int4.yaml").write_text("model: {name_or_path: x}\n")
+    assert find_config("llama2-7b-int4.yaml") == Path("llama2-7b-int4.yaml")
+    with pytest.raises(UserError, match="does not exist"):
+        find_config("sub/llama2-7b-int4.yaml")
+    with pytest.raises(UserError, match="no built-in config is named 'nope'"):
+        find_config("nope.yml")

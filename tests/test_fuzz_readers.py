@@ -29,7 +29,7 @@ DEFAULT_CASES = 6  # per reader in the default suite; the slow step runs 500
 # ---- what each reader reads, and the command (or the function it calls) that reads it --------
 
 def eval_load(model, adapter=None):
-    from qalora_cli.cli.eval_cmd import load_eval_model
+    from qalora_cli.eval.model_loading import load_eval_model
 
     load_eval_model(str(model), str(adapter) if adapter else None, "cpu", "float32")
 
@@ -327,9 +327,9 @@ def test_bad_files_are_refused_in_one_line(world, name):
 
 
 def fuzz_yaml(tmp_path, cases: int) -> Tally:
-    from qalora_cli.config.loader import BUILTIN_DIR
+    from qalora_cli.config.loader import builtin_dir
 
-    good = (BUILTIN_DIR / "smollm2-135m-int4.yaml").read_bytes()
+    good = (builtin_dir() / "smollm2-135m-int4.yaml").read_bytes()
     doc = yaml.safe_load(good)
     f = tmp_path / "bad.yaml"
     tally = Tally("YAML config (config show)")

@@ -17,11 +17,11 @@ config_app = typer.Typer(help="List, copy and show run configs.", no_args_is_hel
 @config_app.command("ls")
 def ls() -> None:
     """List the built-in configs with what each is for."""
-    from ..config.loader import BUILTIN_DIR, builtin_names
+    from ..config.loader import builtin_dir, builtin_names
+    from ..shipped import first_comment_line
 
     for name in builtin_names():
-        first = (BUILTIN_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        typer.echo(f"{name:22s} {first}")
+        typer.echo(f"{name:22s} {first_comment_line(builtin_dir() / f'{name}.yaml')}")
 
 
 @config_app.command("cp")
@@ -29,10 +29,10 @@ def cp(name: str = typer.Argument(..., help="built-in config name"),
        dest: Path = typer.Argument(..., help="file or folder to copy it to"),
        overwrite: bool = typer.Option(False, "--overwrite")) -> None:
     """Copy a built-in config to edit it (then pass the file to --config)."""
-    from ..config.loader import BUILTIN_DIR, find_config
+    from ..config.loader import builtin_dir, find_config
 
     src = find_config(name)
-    if src.parent != BUILTIN_DIR:
+    if src.parent != builtin_dir():
         raise UserError(f"'{name}' is not a built-in config; `qalora config ls` lists them")
     target = dest / src.name if dest.is_dir() else dest
     if target.exists() and not overwrite:

@@ -9,26 +9,19 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import UserError
+from ..shipped import find_shipped, shipped_dir, shipped_names
 from .schema import RunConfig
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
+def builtin_dir() -> Path:
+    return shipped_dir("configs")
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    return shipped_names("configs")
 
 
 def find_config(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return builtin
-    if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
-        raise UserError(f"config file '{name_or_path}' does not exist")
-    raise UserError(f"no built-in config named '{name_or_path}'; built-in: {', '.join(builtin_names())} "
-                    "(or give a path to a YAML file)")
+    return find_shipped("configs", name_or_path, "config")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
