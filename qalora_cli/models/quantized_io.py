@@ -102,14 +102,28 @@ def weight_files(path: str | Path) -> list[Path]:
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """-> (model with TorchQuantLinear layers, quantization_config dict). No weight is
     materialized in full precision: the model is built empty, then filled from the files."""
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .loading import quiet_transformers
 
     quiet_transformers()
     path = Path(path)
+    config, qc = _read_quantized_config(path)
+    dtype = _checkpoint_dtype(path, config, dtype)
+    files = weight_files(path)
+    file_of = _tensor_files(path, files)
+    model = _empty_model(path, config, dtype)
+    _install_empty_quant_linears(path, model, file_of, qc["bits"], qc["group_size"], dtype)
+    state = _read_tensors(path, files)
+    _check_tensors(path, model, state)
+    _assign_weights(path, model, state)
+    _check_g_idx(path, model)
+    return model.to(device=device, dtype=dtype).eval(), qc
+
+
+def _read_quantized_config(path: Path):
+    """-> (the transformers config without its quantization_config, that quantization_config
+    as a dict): refused unless it is a GPTQ v1 or merged checkpoint with valid bits and groups."""
+    from transformers import AutoConfig
+
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' is not a quantized model folder (no config.json)")
     try:
@@ -129,41 +143,38 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
             not (group_size == -1 or group_size > 0):
         raise UserError(f"'{path / 'config.json'}': quantization_config has bits {bits!r} and group_size "
                         f"{group_size!r}; expected bits 2, 3, 4 or 8 and a group size > 0 (or -1)")
+    # The model is built plain: its quantized layers are installed from the files below.
     del config.quantization_config
+    return config, qc
+
+
+def _checkpoint_dtype(path: Path, config, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype asked for, else the one config.json records, else float16."""
     dtype = dtype or getattr(config, "dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise UserError(f"'{path / 'config.json'}': dtype {dtype!r} is not a floating-point type")
+    return dtype
 
-    files = weight_files(path)
+
+def _tensor_files(path: Path, files: list[Path]) -> dict[str, Path]:
+    """{tensor name: the file holding it}, from the headers only."""
+    from safetensors import safe_open
+
     try:
-        keys = {}
+        file_of = {}
         for f in files:
             with safe_open(f, "pt") as sf:
-                keys.update({k: f for k in sf.keys()})
+                file_of.update({k: f for k in sf.keys()})
     except Exception as e:
         raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
+    return file_of
 
-    try:  # a damaged config.json can describe a model no one can build
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:
-        raise UserError(f"'{path / 'config.json'}' describes no model transformers can build: "
-                        f"{_first_line(e)}") from e
-    for key in keys:
-        if key.endswith(".qweight"):
-            name = key[: -len(".qweight")]
-            try:
-                lin = model.get_submodule(name)
-                if not isinstance(lin, nn.Linear):
-                    raise AttributeError(f"{name} is a {type(lin).__name__}, not a linear layer")
-                # A merged (qalora-format) layer holds float `zeros`; the others GPTQ `qzeros`.
-                kind = "float" if f"{name}.zeros" in keys else "int"
-                set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, bits, group_size,
-                                                          lin.bias is not None, kind, dtype))
-            except (AttributeError, ValueError, RuntimeError, ZeroDivisionError) as e:
-                raise UserError(f"'{path}': weights do not match the model config ({key}: {_first_line(e)})") from e
+
+def _read_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     state = {}
     try:
         for f in files:
@@ -171,7 +182,43 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
                 state.update({k: sf.get_tensor(k) for k in sf.keys()})
     except Exception as e:
         raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
-    _check_tensors(path, model, state)
+    return state
+
+
+def _empty_model(path: Path, config, dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device: no memory until the weights are assigned."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:  # a damaged config.json can describe a model no one can build
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:
+        raise UserError(f"'{path / 'config.json'}' describes no model transformers can build: "
+                        f"{_first_line(e)}") from e
+
+
+def _install_empty_quant_linears(path: Path, model: nn.Module, tensor_names, bits: int, group_size: int,
+                                 dtype: torch.dtype) -> None:
+    """An empty TorchQuantLinear in place of each nn.Linear whose `qweight` the files hold."""
+    for key in tensor_names:
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        try:
+            lin = model.get_submodule(name)
+            if not isinstance(lin, nn.Linear):
+                raise AttributeError(f"{name} is a {type(lin).__name__}, not a linear layer")
+            # A merged (qalora-format) layer holds float `zeros`; the others GPTQ `qzeros`.
+            kind = "float" if f"{name}.zeros" in tensor_names else "int"
+            set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, bits, group_size,
+                                                      lin.bias is not None, kind, dtype))
+        except (AttributeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+            raise UserError(f"'{path}': weights do not match the model config ({key}: {_first_line(e)})") from e
+
+
+def _assign_weights(path: Path, model: nn.Module, state: dict) -> None:
+    """The stored tensors become the model's (no copy); every parameter must be covered."""
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
@@ -181,11 +228,13 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if still_empty or result.unexpected_keys:
         what = f"missing {still_empty[:3]}" if still_empty else f"unexpected {result.unexpected_keys[:3]}"
         raise UserError(f"'{path}': weights do not match the model config ({what})")
+
+
+def _check_g_idx(path: Path, model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, TorchQuantLinear) and m.g_idx.numel() and not (
                 0 <= int(m.g_idx.min()) and int(m.g_idx.max()) < m.scales.shape[0]):
             raise UserError(f"'{path}': {name}.g_idx names groups outside 0..{m.scales.shape[0] - 1}")
-    return model.to(device=device, dtype=dtype).eval(), qc
 
 
 def _first_line(e: BaseException) -> str:

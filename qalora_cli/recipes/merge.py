@@ -68,23 +68,8 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
     m = cfg.merge
     base, adapter_dir, out = merge_paths(cfg)
     check_writable(out, overwrite)  # every refusal before the slow part
-    if not base.is_dir():
-        raise UserError(f"the quantized model '{base}' does not exist")
-    adapter_cfg = read_adapter_config(adapter_dir)
-    qc = _base_quantization(base)
-    if m.format == "gguf":
-        from ..export.gguf_export import check_gguf_compatible
-
-        contiguous = not qc.get("desc_act") or bool(qc.get("static_groups"))
-        check_gguf_compatible(qc["model_type"], qc["bits"], qc["group_size"], contiguous)
-    if m.format == "mlx":
-        from ..export.mlx_merge import check_mlx_compatible
-
-        check_mlx_compatible(base, qc)
-    base_sha = checkpoint_sha256(base)
-    check_base(adapter_cfg, base, base_sha)
+    adapter_cfg, qc, base_sha = _check_inputs(m.format, base, adapter_dir)
     device = resolve_device(m.device) if m.verify else None
-
     report = {"format": m.format, "base": str(base), "adapter": str(adapter_dir), "output": str(out),
               "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": bool(qc.get("desc_act")),
               "rank": adapter_cfg["rank"], "alpha": adapter_cfg["alpha"], "layers": len(adapter_cfg["targets"])}
@@ -92,49 +77,87 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
                                                                    qc["group_size"]) as merger, \
             atomic_output_dir(out, overwrite, needs=sum(f.stat().st_size for f in reader.files)) as tmp:
         t_checked = time.perf_counter()
-        refitted = None
-        if m.format == "gptq" and m.rounding != "nearest":
-            refitted, report["refit"] = _refit(cfg, base, merger, adapter_cfg, show_progress)
-        with block_progress("merging layers", enabled=show_progress) as show:
-            advance = _every_tenth(show, len(merger.targets))
-            if m.format == "gguf":
-                from ..export.gguf_merge import write_merged_gguf
-
-                rows = write_merged_gguf(merger, base, tmp / GGUF_NAME, m.gguf_float_type, on_layer=advance)
-                (tmp / "Modelfile").write_text(f"FROM ./{GGUF_NAME}\n")
-            elif m.format == "mlx":
-                from ..export.mlx_merge import write_merged_mlx
-
-                report["mlx_dtype"] = m.mlx_dtype
-                rows = write_merged_mlx(merger, base, tmp, m.mlx_dtype, base_sha, on_layer=advance)
-            else:
-                rows = write_merged_safetensors(merger, tmp, m.format, on_layer=advance, refitted=refitted)
-                qc_out = merged_quantization_config(qc, m.format, adapter_cfg, base_sha)
-                if m.format == "gptq":  # how the fractional zeros became integers, for whoever reads the model
-                    qc_out["qalora_merged_adapter"]["rounding"] = m.rounding
-                write_side_files(base, tmp, qc_out, m.format)
+        rows = _write_merged(cfg, base, merger, adapter_cfg, qc, base_sha, tmp, report, show_progress)
         report["seconds"] = {"check": round(t_checked - t_start, 2), "write": round(time.perf_counter() - t_checked, 2)}
         report["peak_rss_mib_merge"] = round(_peak_rss_mib(), 1)
         report["layer_report"] = rows
         report["zero_rounding"] = _rounding_summary(rows) if m.format == "gptq" else None
         if m.verify:
-            t_verify = time.perf_counter()
-            if m.format == "gguf":
-                from ..export.gguf_merge import check_gguf_weights
-
-                report["gguf_weights"] = check_gguf_weights(merger, tmp / GGUF_NAME)
-            if m.format == "mlx":
-                from ..export.mlx_merge import check_mlx_weights
-
-                report["mlx_weights"] = check_mlx_weights(merger, tmp)
-            report["verification"] = verify(cfg, base, adapter_dir, tmp, m.format, device)
-            if "refit" in report:
-                report["verification"]["verdict"] = _refit_verdict(report["refit"]["summary"])
-            report["seconds"]["verify"] = round(time.perf_counter() - t_verify, 2)
+            _verify_output(cfg, base, adapter_dir, merger, tmp, device, report)
         report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
         report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_inputs(fmt: str, base: Path, adapter_dir: Path) -> tuple[dict, dict, str]:
+    """-> (the adapter's config, the base's quantization config, the base's digest): the adapter
+    was trained on this base, and the base suits the format."""
+    if not base.is_dir():
+        raise UserError(f"the quantized model '{base}' does not exist")
+    adapter_cfg = read_adapter_config(adapter_dir)
+    qc = _base_quantization(base)
+    if fmt == "gguf":
+        from ..export.gguf_export import check_gguf_compatible
+
+        contiguous = not qc.get("desc_act") or bool(qc.get("static_groups"))
+        check_gguf_compatible(qc["model_type"], qc["bits"], qc["group_size"], contiguous)
+    if fmt == "mlx":
+        from ..export.mlx_merge import check_mlx_compatible
+
+        check_mlx_compatible(base, qc)
+    base_sha = checkpoint_sha256(base)
+    check_base(adapter_cfg, base, base_sha)
+    return adapter_cfg, qc, base_sha
+
+
+def _write_merged(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, qc: dict, base_sha: str,
+                  tmp: Path, report: dict, show_progress: bool) -> list[dict]:
+    """Fold the adapter into each layer while writing `tmp` in the chosen format. -> one row
+    a layer; the refit's and the format's own facts go into `report`."""
+    m = cfg.merge
+    refitted = None
+    if m.format == "gptq" and m.rounding != "nearest":
+        refitted, report["refit"] = _refit(cfg, base, merger, adapter_cfg, show_progress)
+    with block_progress("merging layers", enabled=show_progress) as show:
+        advance = _every_tenth(show, len(merger.targets))
+        if m.format == "gguf":
+            from ..export.gguf_merge import write_merged_gguf
+
+            rows = write_merged_gguf(merger, base, tmp / GGUF_NAME, m.gguf_float_type, on_layer=advance)
+            (tmp / "Modelfile").write_text(f"FROM ./{GGUF_NAME}\n")
+            return rows
+        if m.format == "mlx":
+            from ..export.mlx_merge import write_merged_mlx
+
+            report["mlx_dtype"] = m.mlx_dtype
+            return write_merged_mlx(merger, base, tmp, m.mlx_dtype, base_sha, on_layer=advance)
+        rows = write_merged_safetensors(merger, tmp, m.format, on_layer=advance, refitted=refitted)
+    qc_out = merged_quantization_config(qc, m.format, adapter_cfg, base_sha)
+    if m.format == "gptq":  # how the fractional zeros became integers, for whoever reads the model
+        qc_out["qalora_merged_adapter"]["rounding"] = m.rounding
+    write_side_files(base, tmp, qc_out, m.format)
+    return rows
+
+
+def _verify_output(cfg: RunConfig, base: Path, adapter_dir: Path, merger: LayerMerger, tmp: Path, device,
+                   report: dict) -> None:
+    """The written weights read back (gguf, mlx), then the model run against the unmerged one;
+    raises, so that nothing is kept, when an exact format misses."""
+    fmt = cfg.merge.format
+    t_verify = time.perf_counter()
+    if fmt == "gguf":
+        from ..export.gguf_merge import check_gguf_weights
+
+        report["gguf_weights"] = check_gguf_weights(merger, tmp / GGUF_NAME)
+    if fmt == "mlx":
+        from ..export.mlx_merge import check_mlx_weights
+
+        report["mlx_weights"] = check_mlx_weights(merger, tmp)
+    report["verification"] = verify(cfg, base, adapter_dir, tmp, fmt, device)
+    if "refit" in report:
+        report["verification"]["verdict"] = _refit_verdict(report["refit"]["summary"])
+    report["seconds"]["verify"] = round(time.perf_counter() - t_verify, 2)
 
 
 def _refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, show_progress: bool):
