@@ -277,7 +277,7 @@ def test_pre_tokenizer_of_a_real_tokenizer_is_what_llama_cpp_wrote():
     as the pre-tokenizer named in that file."""
     from transformers import AutoTokenizer
 
-    from qalora_cli.export.gguf_export import _bpe_pre, json
+    from qalora_cli.export.gguf_tokenizer import bpe_pre as _bpe_pre, json
 
     path = next(Path(importlib.util.find_spec(SMOLLM2_GGUF).submodule_search_locations[0]).glob("*.gguf"))
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -1,5 +1,5 @@
 """The merged model as GGUF Q4_1: every quantized linear of the base, with the adapter folded
-into the zero points of its targets, streamed from the checkpoint into gguf_export."""
+into the zero points of its targets, streamed from the checkpoint into gguf_writer.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from ..quant.gptq_format import decode_qzeros
 from ..quant.groups import GroupLayout
 from ..quant.pack import unpack_rows
 from ..quant.result import QuantizedWeight
-from .gguf_export import verify_gguf_weights, write_gguf
+from .gguf_verify import verify_gguf_weights
+from .gguf_writer import write_gguf
 from .layer_merge import LayerMerger
 
 _QUANT_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")

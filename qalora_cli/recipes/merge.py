@@ -98,7 +98,7 @@ def _check_inputs(fmt: str, base: Path, adapter_dir: Path) -> tuple[dict, dict, 
     adapter_cfg = read_adapter_config(adapter_dir)
     qc = _base_quantization(base)
     if fmt == "gguf":
-        from ..export.gguf_export import check_gguf_compatible
+        from ..export.gguf_writer import check_gguf_compatible
 
         contiguous = not qc.get("desc_act") or bool(qc.get("static_groups"))
         check_gguf_compatible(qc["model_type"], qc["bits"], qc["group_size"], contiguous)
