@@ -1,4 +1,5 @@
-"""`qalora finetune`: QA-LoRA adapters on the frozen quantized model."""
+"""`qalora finetune`: QA-LoRA adapters on the frozen quantized model, or the paper's baselines
+(QLoRA: PEFT LoRA on the NF4 float model; LoRA on the 16-bit float model)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,21 @@ from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
 def finetune(
     overrides: Optional[list[str]] = overrides_arg,
     config: str = typer.Option("smollm2-135m-int4", "--config", "-c", help=CONFIG_HELP),
+    method: Optional[str] = typer.Option(None, help="qalora (default), qlora (NF4 float model + PEFT LoRA) or lora "
+                                                    "(16-bit float model + PEFT LoRA)"),
     model: Optional[str] = typer.Option(None, help="the quantized checkpoint (default: the config's output.dir)"),
     data: Optional[str] = typer.Option(None, help="'builtin', a .json/.jsonl/.csv/.parquet file or folder, "
                                                   "or a hub dataset id"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="adapter folder (default: <output.dir>-qalora)"),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="adapter folder (default: <output.dir>-<method>)"),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps"),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="continue from the adapter folder's last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing adapter folder"),
 ) -> None:
-    """Train QA-LoRA adapters on a quantized checkpoint; save them with their config."""
-    flags = {"train.quantized_model": model, "data.source": data, "train.adapter_dir": output,
-             "train.max_steps": max_steps, "train.device": device}
+    """Train QA-LoRA adapters on a quantized checkpoint (or a baseline's); save them with their config."""
+    flags = {"finetune.method": method, "train.quantized_model": model, "data.source": data,
+             "train.adapter_dir": output, "train.max_steps": max_steps, "train.device": device}
     cfg = build_config(config, list(overrides or []), flags)
 
     quiet_library_logs()
@@ -46,7 +50,8 @@ def _print_summary(report: dict) -> None:
         console.print(f"interrupted after step {report['steps']}; checkpoint saved in {report['adapter']}. "
                       "Continue with the same command and --resume.")
         return
-    t = Table(title=f"QA-LoRA fine-tune: {report['steps']} steps on {report['device']} "
+    name = {"qalora": "QA-LoRA", "qlora": "QLoRA (NF4)", "lora": "LoRA (16-bit)"}[report.get("method", "qalora")]
+    t = Table(title=f"{name} fine-tune: {report['steps']} steps on {report['device']} "
                     f"({report['processes']} process(es), {report['mixed_precision']})")
     t.add_column("held-out")
     t.add_column("before", justify="right")

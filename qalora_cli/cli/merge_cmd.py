@@ -19,7 +19,8 @@ def merge(
     format: Optional[str] = typer.Option(None, "--format", "-f",
                                          help="qalora (exact, float zeros), gptq (integer zeros, rounded), "
                                               "gguf (Q4_1: bits 4, group 32, contiguous groups) or mlx (an mlx-lm "
-                                              "folder: bits 2/3/4/8, group 32/64/128, contiguous groups)"),
+                                              "folder: bits 2/3/4/8, group 32/64/128, contiguous groups); float "
+                                              "for a qlora/lora adapter: a plain HF folder for `qalora quantize`"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the comparison with the unmerged model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
 ) -> None:
@@ -38,6 +39,9 @@ def _print_summary(r: dict) -> None:
     from rich.console import Console
 
     console = Console()
+    if r["format"] == "float":
+        _print_float_summary(console, r)
+        return
     s = r["seconds"]
     console.print(f"merged {r['layers']} layers (rank {r['rank']}, INT{r['bits']} g{r['group_size']}) into "
                   f"{r['output']} as {r['format']} in {s['write']:.1f} s; peak memory {r['peak_rss_mib_merge']:.0f} MiB")
@@ -68,3 +72,16 @@ def _print_summary(r: dict) -> None:
     elif v.get("ppl_skipped"):
         console.print(f"perplexity: not compared ({v['ppl_skipped']})")
     console.print(f"verdict: {v['verdict']}")
+
+
+def _print_float_summary(console, r: dict) -> None:
+    console.print(f"merged the {r['method']} adapter {r['adapter']} into the float model ({r['dtype']}): {r['output']} "
+                  f"in {r['seconds']['write']:.1f} s")
+    for key, what in (("verification", "unmerged float model + adapter"), ("nf4_vs_merged", "trained NF4 model")):
+        v = r.get(key)
+        if v:
+            console.print(f"logits vs {what}: largest difference {v['max_abs_logit_diff']:.3g} = {v['relative']:.2e} "
+                          f"of the largest logit; top-1 agreement {100 * v['top1_agreement']:.1f}%"
+                          + (f"; perplexity {v['ppl_unmerged']:.4f} -> {v['ppl_merged']:.4f}" if "ppl_merged" in v
+                             else ""))
+    console.print(f"verdict: {r['verification']['verdict']}" if r.get("verification") else "not verified (--no-verify)")

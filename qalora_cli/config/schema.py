@@ -130,6 +130,16 @@ class DataSection(Section):
     builtin_size: int = Field(2400, ge=20, description="records the embedded generator makes")
 
 
+class FinetuneSection(Section):
+    """What is fine-tuned: the paper's method or one of its baselines, on the same data, steps and evaluation."""
+    method: Literal["qalora", "qlora", "lora"] = Field(
+        "qalora", description="qalora: QA-LoRA adapters on the frozen GPTQ checkpoint (train.quantized_model); "
+                              "qlora: PEFT LoRA (16-bit adapters) on the model section's float model loaded in "
+                              "bitsandbytes NF4 with double quantization; lora: PEFT LoRA on the float model held "
+                              "in 16 bits (the upper bound). qlora/lora take rank, alpha, dropout and targets from "
+                              "the lora section and write a PEFT adapter plus qalora_base.json")
+
+
 class TrainSection(Section):
     """The fine-tuning loop. Batch 16 (through accumulation) and max grad norm 0.3 follow the paper.
     Learning rate 2e-4 follows the paper's code and QLoRA (the paper's text says 2e-5, which with
@@ -174,9 +184,11 @@ class TrainSection(Section):
 
 class MergeSection(Section):
     """Folding the adapter into the quantized model, and the check that follows."""
-    format: Literal["qalora", "gptq", "gguf", "mlx"] = Field(
-        "qalora", description="qalora: float zero points, exact; gptq: integer zero points (rounded, the loss "
-                              "reported); gguf: Q4_1 for llama.cpp and ollama (bits 4, group 32, contiguous groups); "
+    format: Literal["qalora", "gptq", "gguf", "mlx", "float"] = Field(
+        "qalora", description="qalora: float zero points, exact; float: a qlora/lora (PEFT) adapter merged into "
+                              "the float model (the source's dtype), a plain Hugging Face folder for `qalora "
+                              "quantize` (QLoRA w/ GPTQ); gptq: integer zero points (rounded, the loss reported); "
+                              "gguf: Q4_1 for llama.cpp and ollama (bits 4, group 32, contiguous groups); "
                               "mlx: an mlx-lm folder, affine with biases -s z' (bits 2/3/4/8, group 32/64/128, "
                               "contiguous groups)")
     quantized_model: str | None = Field(None, description="the quantized base (default: train.quantized_model, "
@@ -230,5 +242,6 @@ class RunConfig(Section):
     output: OutputSection
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     train: TrainSection = Field(default_factory=TrainSection)
     merge: MergeSection = Field(default_factory=MergeSection)

@@ -1,5 +1,6 @@
 """`qalora finetune`, top to bottom: set up (model, adapters, data, optimizer), measure the
-untrained model, train, measure again, save the adapter. Resumable from any checkpoint.
+untrained model, train, measure again, save the adapter. Resumable from any checkpoint. The
+same recipe trains QA-LoRA and the paper's baselines (finetune.method qlora, lora).
 
 Call `run(cfg, resume=...)` from code; the CLI is a thin layer over it. Multi-process data
 parallelism comes from `accelerate launch` / `torchrun`: each process runs this same function.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +18,9 @@ import torch
 
 from ..config.schema import RunConfig
 from ..errors import UserError
-from ..lora.adapter_io import (adapter_state, checkpoint_sha256, make_adapter_config, save_adapter)
-from ..lora.inject import inject_qalora
 from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
 from ..train.loop import Run, evaluate, train_loop
-from ..train.optim import build_optimizer, build_scheduler, optimizer_name
+from ..train.optim import build_optimizer, build_scheduler
 from ..train.progress_bar import training_progress
 
 REPORT_NAME = "finetune_report.json"
@@ -31,9 +29,10 @@ BASELINE_NAME = "baseline.json"
 
 
 def run_paths(cfg: RunConfig) -> tuple[Path, Path]:
-    """(the quantized checkpoint to train on, the adapter folder)."""
+    """(the quantized checkpoint QA-LoRA trains on, the adapter folder: output.dir + '-qalora',
+    '-qlora' or '-lora' by default)."""
     base = Path(cfg.train.quantized_model or cfg.output.dir)
-    adapter = Path(cfg.train.adapter_dir or f"{cfg.output.dir.rstrip('/')}-qalora")
+    adapter = Path(cfg.train.adapter_dir or f"{cfg.output.dir.rstrip('/')}-{cfg.finetune.method}")
     return base, adapter
 
 
@@ -83,8 +82,10 @@ def _accelerator(device: torch.device, mixed_precision: str):
 
 
 def _fingerprint(cfg: RunConfig, base_sha: str) -> dict:
-    """What a resumed run must share with the run it continues."""
-    return {"base_sha256": base_sha, "lora": cfg.lora.model_dump(mode="json"),
+    """What a resumed run must share with the run it continues (a QA-LoRA checkpoint records
+    no method: it is the one there was before qlora and lora)."""
+    method = {} if cfg.finetune.method == "qalora" else {"method": cfg.finetune.method}
+    return {"base_sha256": base_sha, **method, "lora": cfg.lora.model_dump(mode="json"),
             "data": cfg.data.model_dump(mode="json"),
             "batch": {"batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
                       "seed": cfg.train.seed}}
@@ -121,148 +122,143 @@ def _exact_match(model, tokenizer, records, cfg: RunConfig, acc) -> dict | None:
 
 
 def run(cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
-    from ..device import resolve_device
-    from ..models.quantized_io import load_quantized
+    """Fine-tune as `cfg` says (finetune.method qalora, qlora or lora); -> the run's report."""
+    return FinetuneRecipe(cfg, resume, overwrite, show_progress).run()
 
-    t0 = time.perf_counter()
-    t = cfg.train
-    base_dir, run_dir = run_paths(cfg)
-    check_run_dir(run_dir, resume, overwrite)
-    device = resolve_device(t.device)
-    if not (base_dir / "config.json").is_file():
-        raise UserError(f"no quantized model at '{base_dir}': run `qalora quantize` first or pass --model")
-    acc = _accelerator(device, _mixed_precision(t.mixed_precision, device))
-    world = acc.num_processes
-    if (t.batch_size // t.micro_batch_size) % world:
-        raise UserError(f"train.batch_size {t.batch_size} / micro_batch_size {t.micro_batch_size} micro-batches "
-                        f"cannot be shared by {world} processes; make it a multiple of {world}")
 
-    # 1. The frozen quantized model, with adapters around its quantized layers
-    model_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32) \
-        if acc.device.type == "cuda" else torch.float32
-    model, qc = load_quantized(base_dir, acc.device, model_dtype)
-    from ..models.loading import load_tokenizer
+class FinetuneRecipe:
+    """setup (checks, accelerator, model and adapters, data, optimizer, resumed state), the
+    untrained model's measure, train, the trained model's measure, save. One loop and one
+    evaluation for every method; only the Trainee (train/trainees.py) differs."""
 
-    tokenizer = load_tokenizer(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base_sha = checkpoint_sha256(base_dir)
-    torch.manual_seed(t.seed)  # the same adapter initialization on every process
-    adapters = inject_qalora(model, cfg.lora)
-    # Where the adapters start (lora.init); before anything is written, so a refusal leaves nothing behind.
-    # A resumed run takes its adapters from the checkpoint instead.
-    from ..lora.init_stats import initialize_adapters
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
+        self.cfg, self.resume, self.overwrite, self.show_progress = cfg, resume, overwrite, show_progress
+        self.t0 = time.perf_counter()
 
-    init_report = {"method": cfg.lora.init, "resumed": True} if resume else \
-        initialize_adapters(cfg, base_dir, adapters, note=_note if acc.is_main_process else None)
-    from ..kernels.registry import use_backend
-
-    kernels = use_backend(model, t.kernel, model_dtype, need_grad=True)
-    if acc.is_main_process:
-        print(kernels.summary(), file=sys.stderr)
-    if t.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    params = [p for m in adapters.values() for p in (m.lora_A, m.lora_B)]
-
-    # 2. Data
-    train, held, eval_records, data_stats, described = _prepare_data(cfg, tokenizer)
-    if not held:
-        raise UserError("the held-out split has no usable example (all too long?); adjust data.eval_fraction "
-                        "or data.max_length")
-
-    # 3. Optimizer, schedule, the loss module (DDP-wrapped when distributed)
-    from ..train.loss import ResponseLoss
-
-    optimizer, opt_name = build_optimizer(params, t, acc.device)
-    scheduler = build_scheduler(optimizer, t)
-    loss_model, optimizer = acc.prepare(ResponseLoss(model), optimizer)
-    fingerprint = _fingerprint(cfg, base_sha)
-    start_step = 0
-    if resume:
-        start_step = _restore(run_dir, fingerprint, adapters, optimizer, scheduler, acc)
-    elif acc.is_main_process:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # --overwrite, checked above
-        run_dir.mkdir(parents=True)
-    acc.wait_for_everyone()
-
-    # 4. The untrained model (lora.init zero: B = 0, exactly the quantized base), measured once per run
-    baseline_path = run_dir / BASELINE_NAME
-    run_obj = Run(acc, loss_model, lambda: adapter_state(adapters), params, optimizer, scheduler, train, held,
-                  t, run_dir, pad_id, fingerprint, start_step)
-    if not resume:
-        baseline = {"eval_loss": evaluate(run_obj), "generation": _exact_match(model, tokenizer, eval_records,
-                                                                               cfg, acc)}
-        if acc.is_main_process:
-            baseline_path.write_text(json.dumps(baseline, indent=1) + "\n")
-    acc.wait_for_everyone()
-    baseline = json.loads(baseline_path.read_text())
-    t_setup = time.perf_counter()
-
-    # 5. Train
-    with training_progress(t.max_steps, start_step, enabled=show_progress and acc.is_main_process) as progress:
-        outcome = train_loop(run_obj, progress)
-    t_train = time.perf_counter()
-
-    report = {
-        "base": str(base_dir), "adapter": str(run_dir), "data": described, "data_stats": data_stats,
-        "train_examples": len(train), "eval_examples": len(held), "processes": world,
-        "device": str(acc.device), "mixed_precision": acc.mixed_precision, "optimizer": opt_name,
-        "gradient_checkpointing": _checkpointing_on(model),
-        "steps": outcome["step"], "resumed_from": start_step or None, "interrupted": outcome["interrupted"],
-        "init": dict(init_report, step0_eval_loss=baseline["eval_loss"]),
-        "before": baseline,
-        "seconds": {"setup": round(t_setup - t0, 2), "train": round(t_train - t_setup, 2)},
-        "tokens_per_s": run_obj.metrics[-1]["tokens_per_s"] if run_obj.metrics else None,
-        "peak_memory_mib": _peak_memory_mib(acc.device),
-    }
-    if outcome["interrupted"]:
+    def run(self) -> dict:
+        self.setup()
+        baseline = self.measure_baseline()
+        t_setup = time.perf_counter()
+        outcome = self.train()
+        report = self.report(outcome, baseline, t_setup)
+        if outcome["interrupted"]:
+            return report
+        report["after"] = self.evaluate(outcome["step"], baseline)
+        report["seconds"]["total"] = round(time.perf_counter() - self.t0, 2)
+        self.save(report)
         return report
 
-    # 6. The trained model, then the adapter, written so that a crash never leaves half of it
-    # (a resumed run whose checkpoint was its last step trains nothing more: evaluate here)
-    last_eval = run_obj.metrics[-1].get("eval_loss") if run_obj.metrics else None
-    if outcome["step"] == 0:  # --max-steps 0: the initialized adapter, already measured
-        report["after"] = baseline
-    else:
-        report["after"] = {"eval_loss": last_eval if last_eval is not None else evaluate(run_obj),
-                           "generation": _exact_match(model, tokenizer, eval_records, cfg, acc)}
-    report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
-    if acc.is_main_process:
-        config = make_adapter_config(cfg.lora, adapters, qc, base_dir, base_sha, _base_model(base_dir),
-                                     cfg.data.model_dump(mode="json"))
-        _write_final(run_dir, adapters, config, report)
-    acc.wait_for_everyone()
-    return report
+    def setup(self) -> None:
+        """Every refusal first (nothing written), then the slow part."""
+        from ..device import resolve_device
+        from ..train.trainees import build_trainee, check_method_inputs
+
+        t = self.cfg.train
+        self.base_dir, self.run_dir = run_paths(self.cfg)
+        check_run_dir(self.run_dir, self.resume, self.overwrite)
+        device = resolve_device(t.device)
+        check_method_inputs(self.cfg, self.base_dir)
+        self.acc = acc = _accelerator(device, _mixed_precision(t.mixed_precision, device))
+        if (t.batch_size // t.micro_batch_size) % acc.num_processes:
+            raise UserError(f"train.batch_size {t.batch_size} / micro_batch_size {t.micro_batch_size} micro-batches "
+                            f"cannot be shared by {acc.num_processes} processes; make it a multiple of "
+                            f"{acc.num_processes}")
+        self.trainee = build_trainee(self.cfg, acc, self.base_dir, self.resume)
+        self.model = self.trainee.model
+        _set_checkpointing(self.model, t.gradient_checkpointing)
+        self.model.config.use_cache = False
+        self.setup_data()
+        self.setup_optimizer()
+
+    def setup_data(self) -> None:
+        tok = self.trainee.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.train_set, self.held, self.eval_records, self.data_stats, self.described = _prepare_data(self.cfg, tok)
+        if not self.held:
+            raise UserError("the held-out split has no usable example (all too long?); adjust data.eval_fraction "
+                            "or data.max_length")
+
+    def setup_optimizer(self) -> None:
+        """Optimizer, schedule and the loss module (DDP-wrapped when distributed); then the
+        checkpoint's state on --resume, or a fresh run folder."""
+        from ..train.loss import ResponseLoss
+
+        acc, t, trainee = self.acc, self.cfg.train, self.trainee
+        optimizer, self.opt_name = build_optimizer(trainee.params, t, acc.device)
+        scheduler = build_scheduler(optimizer, t)
+        loss_model, optimizer = acc.prepare(ResponseLoss(self.model), optimizer)
+        fingerprint = _fingerprint(self.cfg, trainee.base_sha256)
+        self.start_step = 0
+        if self.resume:
+            self.start_step = _restore(self.run_dir, fingerprint, trainee, optimizer, scheduler, acc)
+        elif acc.is_main_process:
+            if self.run_dir.exists():
+                shutil.rmtree(self.run_dir)  # --overwrite, checked above
+            self.run_dir.mkdir(parents=True)
+        acc.wait_for_everyone()
+        self.loop = Run(acc, loss_model, trainee.adapter_tensors, trainee.params, optimizer, scheduler,
+                        self.train_set, self.held, t, self.run_dir, self.pad_id, fingerprint, self.start_step)
+
+    def measure_baseline(self) -> dict:
+        """The untrained model (B = 0: the base itself, or where lora.init put it), measured once per
+        run and kept in the run folder, so a resumed run reports the same 'before'."""
+        path = self.run_dir / BASELINE_NAME
+        if not self.resume:
+            baseline = {"eval_loss": evaluate(self.loop), "generation": self.exact_match()}
+            if self.acc.is_main_process:
+                path.write_text(json.dumps(baseline, indent=1) + "\n")
+        self.acc.wait_for_everyone()
+        return json.loads(path.read_text())
+
+    def exact_match(self) -> dict | None:
+        return _exact_match(self.model, self.trainee.tokenizer, self.eval_records, self.cfg, self.acc)
+
+    def train(self) -> dict:
+        enabled = self.show_progress and self.acc.is_main_process
+        with training_progress(self.cfg.train.max_steps, self.start_step, enabled=enabled) as progress:
+            return train_loop(self.loop, progress)
+
+    def evaluate(self, steps: int, baseline: dict) -> dict:
+        """The trained model. A resumed run whose checkpoint was its last step trains nothing
+        more: its loss is measured here; --max-steps 0 keeps the initialized adapter, measured."""
+        if steps == 0:
+            return baseline
+        last_eval = self.loop.metrics[-1].get("eval_loss") if self.loop.metrics else None
+        return {"eval_loss": last_eval if last_eval is not None else evaluate(self.loop),
+                "generation": self.exact_match()}
+
+    def report(self, outcome: dict, baseline: dict, t_setup: float) -> dict:
+        acc, trainee, metrics = self.acc, self.trainee, self.loop.metrics
+        return {
+            "method": self.cfg.finetune.method, "base": trainee.base, "adapter": str(self.run_dir),
+            "data": self.described, "data_stats": self.data_stats, "train_examples": len(self.train_set),
+            "eval_examples": len(self.held), "processes": acc.num_processes, "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision, "optimizer": self.opt_name,
+            "gradient_checkpointing": _checkpointing_on(self.model), **trainee.report(),
+            "steps": outcome["step"], "resumed_from": self.start_step or None, "interrupted": outcome["interrupted"],
+            "init": dict(trainee.init_report, step0_eval_loss=baseline["eval_loss"]), "before": baseline,
+            "seconds": {"setup": round(t_setup - self.t0, 2), "train": round(time.perf_counter() - t_setup, 2)},
+            "tokens_per_s": metrics[-1]["tokens_per_s"] if metrics else None,
+            "peak_memory_mib": _peak_memory_mib(acc.device),
+        }
+
+    def save(self, report: dict) -> None:
+        """The adapter and the report, written so that a crash never leaves half of them."""
+        if self.acc.is_main_process:
+            _write_final(self.run_dir, self.trainee, self.cfg.data.model_dump(mode="json"), report)
+        self.acc.wait_for_everyone()
 
 
-def _restore(run_dir: Path, fingerprint: dict, adapters, optimizer, scheduler, acc) -> int:
+def _restore(run_dir: Path, fingerprint: dict, trainee, optimizer, scheduler, acc) -> int:
+    """The last checkpoint's adapters, optimizer, schedule and RNG; -> its step."""
     latest = checkpoint_dirs(run_dir)[-1]
     state, tensors, opt_state, rng = load_checkpoint(latest)
-    if state.get("base_sha256") != fingerprint["base_sha256"]:
-        raise UserError(f"cannot resume: the checkpoint '{latest}' was trained on another model "
-                        f"(sha256 {str(state.get('base_sha256'))[:12]}..., now {fingerprint['base_sha256'][:12]}...)")
-    for key in ("lora", "data", "batch"):
-        if state.get(key) != fingerprint[key]:
-            had = state.get(key) if isinstance(state.get(key), dict) else {}
-            changed = sorted(k for k in fingerprint[key] if had.get(k) != fingerprint[key][k])
-            raise UserError(f"cannot resume: {key} settings differ from the checkpoint's ({', '.join(changed)}); "
-                            "resume with the same config")
+    _check_fingerprint(latest, state, fingerprint)
     if rng.shape[0] != acc.num_processes:
         raise UserError(f"cannot resume: the checkpoint was made by {rng.shape[0]} process(es), this run has "
                         f"{acc.num_processes}")
     try:  # what the checkpoint's files hold must fit this run's adapters, optimizer and schedule
-        with torch.no_grad():
-            for name, m in adapters.items():
-                a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-                if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape or not (a.is_floating_point()
-                                                                                   and b.is_floating_point()):
-                    raise ValueError(f"the adapter of {name} is {a.dtype} {tuple(a.shape)} / {tuple(b.shape)}")
-                m.lora_A.copy_(a)
-                m.lora_B.copy_(b)
+        trainee.load_adapter_tensors(tensors)
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(scheduler.lr_lambdas)))
         set_rng_state(rng[acc.process_index])
@@ -272,11 +268,29 @@ def _restore(run_dir: Path, fingerprint: dict, adapters, optimizer, scheduler, a
                         "before") from e
     step = state["step"]
     if acc.is_main_process:  # the metrics log continues from the checkpoint, as one curve
-        log = run_dir / METRICS_NAME
-        if log.is_file():
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if _logged_step(ln) <= step]
-            log.write_text("".join(ln + "\n" for ln in lines))
+        _truncate_metrics(run_dir / METRICS_NAME, step)
     return step
+
+
+def _check_fingerprint(latest: Path, state: dict, fingerprint: dict) -> None:
+    if state.get("method", "qalora") != fingerprint.get("method", "qalora"):
+        raise UserError(f"cannot resume: the checkpoint '{latest}' is of finetune.method "
+                        f"{state.get('method', 'qalora')}, this run's is {fingerprint.get('method', 'qalora')}")
+    if state.get("base_sha256") != fingerprint["base_sha256"]:
+        raise UserError(f"cannot resume: the checkpoint '{latest}' was trained on another model "
+                        f"(sha256 {str(state.get('base_sha256'))[:12]}..., now {fingerprint['base_sha256'][:12]}...)")
+    for key in ("lora", "data", "batch"):
+        if state.get(key) != fingerprint[key]:
+            had = state.get(key) if isinstance(state.get(key), dict) else {}
+            changed = sorted(k for k in fingerprint[key] if had.get(k) != fingerprint[key][k])
+            raise UserError(f"cannot resume: {key} settings differ from the checkpoint's ({', '.join(changed)}); "
+                            "resume with the same config")
+
+
+def _truncate_metrics(log: Path, step: int) -> None:
+    if log.is_file():
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if _logged_step(ln) <= step]
+        log.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _logged_step(line: str) -> float:
@@ -288,19 +302,19 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def _note(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _set_checkpointing(model, on: bool) -> None:
+    if not on:
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; 4.x has only the old name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _checkpointing_on(model) -> bool:
     if hasattr(model, "is_activation_checkpointing"):  # transformers 5
         return bool(model.is_activation_checkpointing)
     return bool(model.is_gradient_checkpointing)
-
-
-def _base_model(base_dir: Path) -> str:
-    cfg = json.loads((base_dir / "config.json").read_text())
-    return cfg.get("_name_or_path") or cfg.get("model_type", "unknown")
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -311,12 +325,13 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _write_final(run_dir: Path, adapters, config: dict, report: dict) -> None:
+def _write_final(run_dir: Path, trainee, data: dict, report: dict) -> None:
     """Weights first, config last: a folder with adapter_config.json holds a whole adapter."""
     tmp = run_dir / ".final.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_adapter(tmp, adapters, config)
+        tmp.mkdir()
+        trainee.write_adapter(tmp, data)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     except Exception as e:
         from ..output_dir import disk_full_error, folder_bytes, is_disk_full
@@ -324,9 +339,10 @@ def _write_final(run_dir: Path, adapters, config: dict, report: dict) -> None:
         written = folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
-            needs = sum(p.numel() * 4 for m in adapters.values() for p in (m.lora_A, m.lora_B))
+            needs = sum(p.numel() * 4 for p in trainee.params)
             raise disk_full_error(run_dir / "adapter_model.safetensors", written, needs) from e
         raise
-    for name in ("adapter_model.safetensors", REPORT_NAME, "adapter_config.json"):
+    names = sorted(p.name for p in tmp.iterdir() if p.name != "adapter_config.json") + ["adapter_config.json"]
+    for name in names:
         os.replace(tmp / name, run_dir / name)
     tmp.rmdir()

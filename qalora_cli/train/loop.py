@@ -88,75 +88,115 @@ def evaluate(run: Run) -> float:
     return total / max(tokens, 1)
 
 
+@dataclass
+class _Tally:
+    """What the loop carries from step to step besides the step number."""
+    last_saved: int
+    train_seconds: float = 0.0  # training throughput: evaluation and saving not counted
+    tokens_seen: int = 0
+
+
 def train_loop(run: Run, progress) -> dict:
-    acc, t = run.accelerator, run.t
-    world, rank = acc.num_processes, acc.process_index
+    """Steps from run.start_step to t.max_steps; -> {"interrupted", "step"}."""
+    t = run.t
     lengths = [len(e.input_ids) for e in run.train]
-    log_path = run.run_dir / "metrics.jsonl"
-    last_saved = run.start_step
-    train_seconds, tokens_seen = 0.0, 0  # training throughput: evaluation and saving not counted
+    tally = _Tally(last_saved=run.start_step)
     run.loss_model.train()
     step = run.start_step
     with _Interrupt() as interrupt:
         while step < t.max_steps:
-            step_started = time.perf_counter()
-            # 1. This process's micro-batches; the step's response-token count over all processes
-            micro = [collate([run.train[i] for i in mb], run.pad_id)
-                     for mb in micro_batches_for(step, lengths, t.batch_size, t.micro_batch_size, t.seed, rank, world)]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            (step_tokens,) = _all_sum([local_tokens], acc.device)
-            # DDP averages gradients over processes; scale so the result is the per-token mean.
-            denominator = max(step_tokens, 1.0) / world
-
-            # 2. Forward and backward, gradients synchronized only on the last micro-batch
-            loss_sum = 0.0
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                sync = i == len(micro) - 1
-                with (nullcontext() if sync else acc.no_sync(run.loss_model)), acc.autocast():
-                    loss = run.loss_model(**batch, denominator=denominator)
-                    acc.backward(loss)
-                loss_sum += float(loss.detach()) * denominator
-                tokens_seen += int(batch["attention_mask"].sum())
-            (global_loss_sum,) = _all_sum([loss_sum], acc.device)
-            step_loss = global_loss_sum / max(step_tokens, 1.0)
-            if not torch.isfinite(torch.tensor(step_loss)):
-                acc.wait_for_everyone()
-                kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
-                raise UserError(f"the loss became {step_loss} at step {step + 1}; the update was not applied and "
-                                f"{kept} in '{run.run_dir}'; lower train.learning_rate or train.max_grad_norm")
-
-            # 3. Clip, update, schedule
-            grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm))
-            lr = run.scheduler.get_last_lr()[0]
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            started = time.perf_counter()
+            micro, step_tokens = _micro_batches(run, step, lengths)
+            step_loss = _forward_backward(run, micro, step_tokens, tally)
+            _refuse_non_finite(run, step_loss, step, tally.last_saved)
+            grad_norm, lr = _update(run)
             step += 1
-
-            # 4. Log, evaluate, checkpoint
-            train_seconds += time.perf_counter() - step_started
-            (all_tokens,) = _all_sum([tokens_seen], acc.device)
-            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                      "epoch": round(epoch_of(step, len(run.train), t.batch_size), 4),
-                      "tokens_per_s": all_tokens / train_seconds}
-            if step % t.eval_every == 0 or step == t.max_steps:
-                record["eval_loss"] = evaluate(run)
-            run.metrics.append(record)
-            if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                progress(step, record)
-            stop = interrupt.requested
-            if world > 1:  # every process must agree to stop at the same step
-                (stop,) = _all_sum([float(stop)], acc.device)
-                stop = stop > 0
+            tally.train_seconds += time.perf_counter() - started
+            _log(run, progress, _record(run, step, step_loss, lr, grad_norm, tally))
+            stop = _agreed_stop(run, interrupt.requested)
             if step % t.save_every == 0 or step == t.max_steps or stop:
                 save(run, step)
-                last_saved = step
+                tally.last_saved = step
             if stop:
                 return {"interrupted": True, "step": step}
     return {"interrupted": False, "step": step}
+
+
+def _micro_batches(run: Run, step: int, lengths: list[int]) -> tuple[list[dict], float]:
+    """This process's micro-batches of the step, and the step's response-token count over all processes."""
+    acc, t = run.accelerator, run.t
+    micro = [collate([run.train[i] for i in mb], run.pad_id)
+             for mb in micro_batches_for(step, lengths, t.batch_size, t.micro_batch_size, t.seed,
+                                         acc.process_index, acc.num_processes)]
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    (step_tokens,) = _all_sum([local_tokens], acc.device)
+    return micro, step_tokens
+
+
+def _forward_backward(run: Run, micro: list[dict], step_tokens: float, tally: _Tally) -> float:
+    """Gradients of the step's per-token mean loss (synchronized only on the last micro-batch);
+    -> that loss over all processes."""
+    acc = run.accelerator
+    # DDP averages gradients over processes; scale so the result is the per-token mean.
+    denominator = max(step_tokens, 1.0) / acc.num_processes
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        sync = i == len(micro) - 1
+        with (nullcontext() if sync else acc.no_sync(run.loss_model)), acc.autocast():
+            loss = run.loss_model(**batch, denominator=denominator)
+            acc.backward(loss)
+        loss_sum += float(loss.detach()) * denominator
+        tally.tokens_seen += int(batch["attention_mask"].sum())
+    (global_loss_sum,) = _all_sum([loss_sum], acc.device)
+    return global_loss_sum / max(step_tokens, 1.0)
+
+
+def _refuse_non_finite(run: Run, step_loss: float, step: int, last_saved: int) -> None:
+    """Before the optimizer could apply it: the last checkpoint stays the last good one."""
+    if torch.isfinite(torch.tensor(step_loss)):
+        return
+    run.accelerator.wait_for_everyone()
+    kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+    raise UserError(f"the loss became {step_loss} at step {step + 1}; the update was not applied and "
+                    f"{kept} in '{run.run_dir}'; lower train.learning_rate or train.max_grad_norm")
+
+
+def _update(run: Run) -> tuple[float, float]:
+    """Clip, step, schedule; -> (gradient norm before clipping, the learning rate applied)."""
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.params, run.t.max_grad_norm))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def _record(run: Run, step: int, loss: float, lr: float, grad_norm: float, tally: _Tally) -> dict:
+    """The step's metrics line; the held-out loss every eval_every steps and at the end."""
+    (all_tokens,) = _all_sum([tally.tokens_seen], run.accelerator.device)
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "epoch": round(epoch_of(step, len(run.train), run.t.batch_size), 4),
+              "tokens_per_s": all_tokens / tally.train_seconds}
+    if step % run.t.eval_every == 0 or step == run.t.max_steps:
+        record["eval_loss"] = evaluate(run)
+    return record
+
+
+def _log(run: Run, progress, record: dict) -> None:
+    run.metrics.append(record)
+    if run.accelerator.is_main_process:
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        progress(record["step"], record)
+
+
+def _agreed_stop(run: Run, requested: bool) -> bool:
+    """Every process must agree to stop at the same step."""
+    if run.accelerator.num_processes == 1:
+        return requested
+    (stop,) = _all_sum([float(requested)], run.accelerator.device)
+    return stop > 0
 
 
 def save(run: Run, step: int) -> None:
