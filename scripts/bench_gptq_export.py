@@ -27,12 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qalora_cli.cli.common import quiet_library_logs  # noqa: E402
 from qalora_cli.config.loader import load_config  # noqa: E402
-from qalora_cli.data.instruct import collate, load_records, prompt_and_reference, tokenize_records  # noqa: E402
-from qalora_cli.eval.exact_match import exact_match, generate_responses  # noqa: E402
+from qalora_cli.data.instruct import load_records, tokenize_records  # noqa: E402
+from qalora_cli.eval.exact_match import exact_match  # noqa: E402
+from qalora_cli.eval.task import score_task, task_pairs  # noqa: E402
 from qalora_cli.export.verify import unmerged_model  # noqa: E402
 from qalora_cli.kernels.torch_quant_linear import cache_inference_weights  # noqa: E402
+from qalora_cli.library_logs import quiet_library_logs  # noqa: E402
 from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
 from qalora_cli.recipes.merge import merge_paths  # noqa: E402
 
@@ -53,20 +54,6 @@ def load_peer(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
 
 
-@torch.no_grad()
-def answer_loss(model, examples, pad_id: int) -> float:
-    """Mean cross-entropy over the response tokens of the held-out examples."""
-    total, n = 0.0, 0
-    for i in range(0, len(examples), 8):
-        b = collate(examples[i:i + 8], pad_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        labels = b["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                         ignore_index=-100, reduction="sum"))
-        n += int((labels != -100).sum())
-    return total / n
-
-
 def perplexity_of(model, tok, tokens: int) -> float:
     from qalora_cli.data.builtin_text import heldout_text
     from qalora_cli.eval.perplexity import perplexity
@@ -77,10 +64,7 @@ def perplexity_of(model, tok, tokens: int) -> float:
 
 def score(model, tok, pairs, examples, ppl_tokens: int) -> dict:
     cache_inference_weights(model, torch.float32)
-    preds = generate_responses(model, tok, [q for q, _ in pairs], 48)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return {"exact_match": exact_match(preds, [r for _, r in pairs]), "answers": preds,
-            "answer_loss": answer_loss(model, examples, pad), "ppl": perplexity_of(model, tok, ppl_tokens)}
+    return {**score_task(model, tok, pairs, examples, 48), "ppl": perplexity_of(model, tok, ppl_tokens)}
 
 
 def score_mlx(folder: Path, tok, pairs, examples, dtype: str) -> dict:
@@ -152,7 +136,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(base)
     _, eval_records, _ = load_records(cfg.data)
-    pairs = [prompt_and_reference(r, cfg.data.format, cfg.data.template, tok) for r in eval_records[:args.examples]]
+    pairs = task_pairs(eval_records[:args.examples], cfg.data, tok)
     examples, _ = tokenize_records(eval_records[:args.loss_examples], tok, cfg.data)
 
     def save():

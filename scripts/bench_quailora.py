@@ -234,7 +234,7 @@ def main() -> int:
     args = ap.parse_args()
     res = Results(args.out)
     if not args.table:
-        from qalora_cli.cli.common import quiet_library_logs
+        from qalora_cli.library_logs import quiet_library_logs
 
         quiet_library_logs()
         bits = [int(b) for b in args.bits.split(",")]

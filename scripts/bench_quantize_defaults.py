@@ -85,25 +85,19 @@ def run(cmd: list[str], log: Path | None = None) -> None:
 def eval_texts(model: str, jobs: list[tuple[str, str]], max_tokens: int, seq_len: int) -> None:
     """In this process: `qalora eval ppl`'s steps for each (text, json path), the model loaded once."""
     sys.path.insert(0, str(ROOT))
-    from qalora_cli.cli.common import quiet_library_logs
+    from qalora_cli.library_logs import quiet_library_logs
 
     quiet_library_logs()
-    import torch
-
-    from qalora_cli.cli.eval_cmd import load_eval_model
-    from qalora_cli.eval.perplexity import perplexity
+    from qalora_cli.eval.model_loading import load_eval_model
     from qalora_cli.eval.ppl_text import load_text
+    from qalora_cli.recipes.evaluate import perplexity_report, write_json
 
     loaded, tokenizer, name = load_eval_model(model, None, "cpu", "auto")
     for text, path in jobs:
         body, desc = load_text(text)
-        ids = torch.tensor(tokenizer(body, add_special_tokens=False)["input_ids"])
-        t = time.perf_counter()
-        result = perplexity(loaded, ids, seq_len, None, max_tokens, 4)
-        report = {"model": name, "text": desc, "seq_len": seq_len, "stride": seq_len, **result,
-                  "seconds": round(time.perf_counter() - t, 2)}
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"  {text}: perplexity {result['ppl']:.4f} over {result['tokens']} tokens; {report['seconds']} s",
+        report = perplexity_report(loaded, tokenizer, name, body, desc, seq_len, None, max_tokens, 4)
+        write_json(report, Path(path), make_parent=False)
+        print(f"  {text}: perplexity {report['ppl']:.4f} over {report['tokens']} tokens; {report['seconds']} s",
               flush=True)
 
 

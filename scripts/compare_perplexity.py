@@ -11,7 +11,7 @@ import argparse
 import json
 import time
 
-from qalora_cli.cli.common import quiet_library_logs
+from qalora_cli.library_logs import quiet_library_logs
 
 quiet_library_logs()  # before torch and transformers import the optional libraries
 

@@ -19,12 +19,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qalora_cli.cli.common import quiet_library_logs  # noqa: E402
 from qalora_cli.config.loader import load_config  # noqa: E402
-from qalora_cli.data.instruct import load_records, prompt_and_reference  # noqa: E402
+from qalora_cli.data.instruct import load_records  # noqa: E402
 from qalora_cli.eval.exact_match import exact_match, generate_responses  # noqa: E402
+from qalora_cli.eval.task import task_pairs  # noqa: E402
 from qalora_cli.export.verify import unmerged_model  # noqa: E402
 from qalora_cli.kernels.torch_quant_linear import cache_inference_weights  # noqa: E402
+from qalora_cli.library_logs import quiet_library_logs  # noqa: E402
 from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
 from qalora_cli.recipes.merge import merge_paths  # noqa: E402
 
@@ -50,7 +51,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(base)
     _, eval_records, _ = load_records(cfg.data)
-    pairs = [prompt_and_reference(r, cfg.data.format, cfg.data.template, tok) for r in eval_records[:args.examples]]
+    pairs = task_pairs(eval_records[:args.examples], cfg.data, tok)
     refs = [r for _, r in pairs]
     rows = [("unmerged (base + adapter)", lambda: unmerged_model(base, adapter, "cpu"))]
     rows += [(str(m), lambda m=m: load(m)) for m in args.merged]

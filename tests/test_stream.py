@@ -226,7 +226,7 @@ def kinds(bases, tiny_model_dir, tmp_path_factory):
 
 
 def reference_on_loaded(args, prompt: str, n: int) -> str:
-    from qalora_cli.cli.eval_cmd import load_eval_model
+    from qalora_cli.eval.model_loading import load_eval_model
 
     adapter = args[2] if len(args) > 1 else None
     model, tok, _ = load_eval_model(args[0], adapter and __import__("pathlib").Path(adapter), "cpu", "float32")

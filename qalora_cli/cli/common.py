@@ -6,6 +6,8 @@ from typing import Any
 
 import typer
 
+from ..library_logs import quiet_library_logs  # noqa: F401  (the stage commands import it from here)
+
 CONFIG_HELP = "built-in config name (see `qalora config ls`) or a YAML file"
 OVERRIDES_HELP = "overrides as section.key=value, e.g. quantize.damp_percent=0.05"
 
@@ -25,12 +27,3 @@ def _yaml(value: Any) -> str:
 
     # JSON is YAML: strings are quoted so a path like "1e5" or "on" stays a string.
     return json.dumps(value)
-
-
-def quiet_library_logs() -> None:
-    """Optional libraries announce at import what they could not load (torchao's CUDA
-    extensions, torch.compile notices): noise to a user of this CLI. Set before they import."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
-        logging.getLogger(name).setLevel(logging.ERROR)

@@ -11,58 +11,18 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .eval_cmd import DTYPE_HELP, KERNEL_HELP
+from ..eval.model_loading import ADAPTER_HELP, DTYPE_HELP, KERNEL_HELP, MODEL_HELP
+from ..library_logs import quiet_library_logs
 
-MODEL_HELP = ("a qalora GPTQ or merged checkpoint folder (qalora or gptq format), a Hugging Face folder, a .gguf "
-              "file or a hub id (with --adapter: its base)")
 CHAT_HELP = """Type a message and press Enter; the reply streams back. /reset starts over, /exit (or Ctrl-D)
 leaves, Ctrl-C stops a reply. With the sink cache (the default) the conversation can go on
 past the window: older turns are evicted, the first tokens (the attention sinks) stay."""
 
 
-class Options:
-    """The options generate and chat share, checked before any model loads."""
-
-    def __init__(self, model, adapter, max_new_tokens, sinks, window, cache, temperature, top_p, seed, raw,
-                 ignore_eos, device, dtype, kernel):
-        if model is None and adapter is None:
-            raise UserError("give --model (a GPTQ or merged checkpoint, a Hugging Face folder, a .gguf file or a hub "
-                            "id)")
-        if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-        if cache not in ("sinks", "full"):
-            raise UserError(f"--cache {cache!r}: use sinks (attention sinks + window) or full")
-        if sinks < 0 or window < 1:
-            raise UserError(f"--sinks must be 0 or more and --window at least 1 (got {sinks}, {window})")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise UserError(f"--temperature must be 0 (greedy) or more and --top-p in (0, 1] (got {temperature}, "
-                            f"{top_p})")
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-
-    def load(self):
-        """-> (model, tokenizer, name, a factory of fresh caches, the sampling, the stop tokens)."""
-        from ..eval.exact_match import stop_token_ids
-        from ..stream.caches import make_cache
-        from ..stream.decode import Sampling
-        from .common import quiet_library_logs
-        from .eval_cmd import load_eval_model
-
-        quiet_library_logs()
-        model, tokenizer, name = load_eval_model(self.model, self.adapter, self.device, self.dtype, self.kernel)
-        make_cache(model, self.cache, self.sinks, self.window)  # refuses a model without RoPE before any reading
-        stops = set() if self.ignore_eos else set(stop_token_ids(model, tokenizer))
-        return (model, tokenizer, name, lambda: make_cache(model, self.cache, self.sinks, self.window),
-                Sampling(self.temperature, self.top_p, self.seed), stops)
-
-    def describe_cache(self) -> str:
-        return "full cache" if self.cache == "full" else f"sinks {self.sinks} + window {self.window}"
-
-
 def _model_options():
     return dict(
         model=typer.Option(None, help=MODEL_HELP),
-        adapter=typer.Option(None, help="a qalora adapter folder, put on the GPTQ checkpoint --model"),
+        adapter=typer.Option(None, help=ADAPTER_HELP),
         max_new_tokens=typer.Option(256, help="tokens to generate at most (per reply in chat)"),
         sinks=typer.Option(4, help="attention sinks: the first tokens, kept for good"),
         window=typer.Option(1020, help="recent tokens kept beside the sinks"),
@@ -92,26 +52,18 @@ def generate(
 ) -> None:
     """Generate from a prompt, streaming tokens to stdout (greedy by default). With the sink
     cache, memory stays flat however long the prompt or the generation."""
-    opts = Options(model, adapter, max_new_tokens, sinks, window, cache, temperature, top_p, seed, raw, ignore_eos,
-                   device, dtype, kernel)
-    text = _read_prompt(prompt, prompt_file)
-    from ..stream.conversation import Conversation
+    from ..recipes.generate import GenerationSettings, generation_summary, start_conversation
 
-    loaded, tokenizer, name, new_cache, sampling, stops = opts.load()
-    chat = Conversation(loaded, tokenizer, new_cache, sampling, max_new_tokens, template=not raw, stop_ids=stops)
-    for piece in chat.reply(text):
+    settings = GenerationSettings(model, adapter, max_new_tokens, sinks, window, cache, temperature, top_p, seed,
+                                  raw, ignore_eos, device, dtype, kernel)
+    text = _read_prompt(prompt, prompt_file)
+    quiet_library_logs()
+    conversation, _ = start_conversation(settings)
+    for piece in conversation.reply(text):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(_summary(chat, opts), file=sys.stderr)
-
-
-def _summary(chat, opts: Options) -> str:
-    last, c = chat.last, chat.cache
-    rate = last["new_tokens"] / last["generate_s"] if last["generate_s"] else 0.0
-    return (f"prompt {last['prompt_tokens']} tokens in {last['prompt_s']:.2f} s; generated {last['new_tokens']} "
-            f"tokens in {last['generate_s']:.2f} s ({rate:.1f} tokens/s); {opts.describe_cache()}: "
-            f"{c.get_seq_length()} tokens held ({c.nbytes() / 2**20:.1f} MiB), {c.evicted} evicted")
+    print(generation_summary(conversation, settings), file=sys.stderr)
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -136,15 +88,14 @@ def chat(
     seed: Optional[int] = _O["seed"], raw: bool = _O["raw"], ignore_eos: bool = _O["ignore_eos"],
     device: str = _O["device"], dtype: str = _O["dtype"], kernel: str = _O["kernel"],
 ) -> None:
-    opts = Options(model, adapter, max_new_tokens, sinks, window, cache, temperature, top_p, seed, raw, ignore_eos,
-                   device, dtype, kernel)
-    from ..stream.conversation import Conversation
+    from ..recipes.generate import GenerationSettings, start_conversation
 
-    loaded, tokenizer, name, new_cache, sampling, stops = opts.load()
-    conv = Conversation(loaded, tokenizer, new_cache, sampling, max_new_tokens, template=not raw, stop_ids=stops,
-                        system=system)
-    print(f"{name}; {opts.describe_cache()}. /reset starts over, /exit leaves.", file=sys.stderr)
-    _chat_loop(conv)
+    settings = GenerationSettings(model, adapter, max_new_tokens, sinks, window, cache, temperature, top_p, seed,
+                                  raw, ignore_eos, device, dtype, kernel)
+    quiet_library_logs()
+    conversation, name = start_conversation(settings, system)
+    print(f"{name}; {settings.describe_cache()}. /reset starts over, /exit leaves.", file=sys.stderr)
+    _chat_loop(conversation)
 
 
 chat.__doc__ = "Talk with a model, replies streaming back.\n\n" + CHAT_HELP
