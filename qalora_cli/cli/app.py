@@ -41,11 +41,12 @@ app = typer.Typer(
 )
 
 from . import (adapter_cmd, config_cmd, eval_cmd, eval_ppl, eval_stream, finetune_cmd, generate_cmd,  # noqa: E402,F401
-               merge_cmd, quantize_cmd)
+               merge_cmd, quantize_cmd, recipe_cmd)
 
 app.add_typer(config_cmd.config_app, name="config")
 app.add_typer(adapter_cmd.adapter_app, name="adapter")
 app.add_typer(eval_cmd.eval_app, name="eval")
+app.add_typer(recipe_cmd.recipe_app, name="recipe")
 app.command("quantize")(quantize_cmd.quantize)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("merge")(merge_cmd.merge)
