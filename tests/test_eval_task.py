@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_config_dict
+from conftest import text_ids, tiny_config_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.lora.adapter_io import attach_adapter, read_adapter
@@ -158,45 +158,84 @@ def test_evaluate_task_defaults_to_the_configs_exact_match_examples(tiny_model_d
     assert report["references"] == [h["completion"] for h in held[:3]]
 
 
-def peft_adapter(base_dir, out_dir, method: str = "lora"):
-    """A PEFT LoRA (nonzero B) on the float model, saved with plain peft, and the qalora_base.json
-    a lora run writes beside it."""
-    from peft import LoraConfig, get_peft_model
+def nf4(compute_dtype=torch.float32):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def float_or_nf4(base_dir, method: str):
+    """The base as a lora run holds it (float32 here) or as a qlora run does (NF4, double quantized)."""
     from transformers import AutoModelForCausalLM
+
+    extra = dict(quantization_config=nf4(), device_map={"": "cpu"}) if method == "qlora" else {}
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **extra)
+
+
+def peft_adapter(base_dir, out_dir, method: str = "lora"):
+    """A PEFT LoRA (nonzero B) on the float or NF4 model, saved with plain peft, and the
+    qalora_base.json a lora or qlora run writes beside it."""
+    from peft import LoraConfig, get_peft_model
 
     from qalora_cli.config.schema import ModelSection
     from qalora_cli.lora.peft_models import base_record, source_sha256
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            init_lora_weights=False))
+    peft = get_peft_model(float_or_nf4(base_dir, method), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     peft.save_pretrained(out_dir)
     section = ModelSection(name_or_path=str(base_dir))
-    record = base_record(method, section, torch.float32, None, source_sha256(section))
+    compute = torch.float32 if method == "qlora" else None
+    record = base_record(method, section, torch.float32, compute, source_sha256(section))
     (out_dir / "qalora_base.json").write_text(json.dumps(record))
     return out_dir
 
 
-def test_peft_adapter_loads_by_its_base_file(tiny_model_dir, task, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_peft_adapter_loads_by_its_base_file(method, tiny_model_dir, task, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     data_dir, held = task
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    adapter = peft_adapter(tiny_model_dir, tmp_path / "peft")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                      adapter).eval()
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "peft", method)
+    model = PeftModel.from_pretrained(float_or_nf4(tiny_model_dir, method), adapter).eval()
     want = reference_scores(model, tok, held)
     r, report = eval_task(data_dir, tmp_path, "--adapter", str(adapter))  # no --model: the base file names it
     assert r.exit_code == 0, r.output
     assert_matches(report, *want)
-    assert "lora adapter" in report["model"]
-    r, same = eval_task(data_dir, tmp_path, "--model", str(tiny_model_dir), "--adapter", str(adapter))
-    assert r.exit_code == 0 and same["answer_loss"] == report["answer_loss"]  # --model naming that base is fine
+    assert f"{method} adapter" in report["model"]
     with model.disable_adapter():
         _, _, base_loss = reference_scores(model, tok, held)
     assert not math.isclose(base_loss, want[2], rel_tol=1e-3)  # the adapter counts
+
+
+def test_peft_adapter_on_the_other_commands(tiny_model_dir, tmp_path):
+    """--adapter takes the PEFT folder in eval ppl and generate too (all load through one loader)."""
+    from peft import PeftModel
+
+    from test_perplexity import reference_nll
+
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "peft")
+    model = PeftModel.from_pretrained(float_or_nf4(tiny_model_dir, "lora"), adapter).eval()
+    ids = torch.tensor(text_ids(tokenizer_of(tiny_model_dir), 120))
+    out = tmp_path / "ppl.json"
+    r = runner.invoke(app, ["eval", "ppl", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--seq-len",
+                            "48", "--max-tokens", "120", "--device", "cpu", "--output-json", str(out)])
+    assert r.exit_code == 0, r.output  # --model naming the recorded base is accepted
+    assert math.isclose(json.loads(out.read_text())["nll"], reference_nll(model, ids, 48, 48)[0], rel_tol=1e-5)
+    prompt = PROMPTS[0]
+    r = runner.invoke(app, ["generate", "--adapter", str(adapter), "--prompt", prompt, "--raw", "--max-new-tokens",
+                            str(NEW_TOKENS), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == greedy(model, tokenizer_of(tiny_model_dir), prompt)
+
+
+def tokenizer_of(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def one_line_error(r, *words):

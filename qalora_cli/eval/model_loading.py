@@ -175,5 +175,9 @@ def _load_peft(model: str | None, adapter: Path, dev, torch_dtype, kernel: str):
     if kernel not in ("auto", "torch"):
         raise UserError(f"--kernel {kernel}: a {record['method']} adapter's base holds no GPTQ layers; kernels "
                         "apply to quantized layers")
-    loaded, tokenizer = peft_models.load_peft_adapter_model(adapter, dev, torch_dtype)
+    peft_model, tokenizer = peft_models.load_peft_adapter_model(adapter, dev, torch_dtype)
+    # PEFT injects its LoRA layers into the transformers model itself: that model runs with the
+    # adapter on, and is what the MMLU, perplexity and attention-sink code expect (the wrapper
+    # hides e.g. model.model.rotary_emb).
+    loaded = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     return loaded.eval(), tokenizer, f"{base.name_or_path} + {record['method']} adapter {adapter}"
