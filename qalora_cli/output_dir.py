@@ -17,6 +17,7 @@ from .errors import UserError
 
 def check_writable(target: str | Path, overwrite: bool) -> Path:
     target = Path(target)
+    sweep_stale(target)  # a killed writer's leftovers: its finished output back in place, temporaries gone
     if target.exists() and not overwrite:
         raise UserError(f"output '{target}' already exists; pass --overwrite to replace it")
     if target.exists() and not target.is_dir():
@@ -77,10 +78,12 @@ def disk_full_error(target: Path, written: int, needs: int | None = None) -> Use
 def atomic_output_dir(target: str | Path, overwrite: bool, needs: int | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces `target`, on error it is removed.
     A full disk is refused in one line naming the place and the space needed (`needs`: the
-    output's expected size in bytes, when the caller knows it)."""
+    output's expected size in bytes, when the caller knows it). A process killed at any moment
+    leaves `target` finished or absent, never half-written; an output it was replacing is put
+    back (or its temporaries removed) by the next writer of `target` (`sweep_stale`)."""
     target = check_writable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = temp_sibling(target)
     try:
         yield tmp
     except BaseException as e:
@@ -92,11 +95,112 @@ def atomic_output_dir(target: str | Path, overwrite: bool, needs: int | None = N
     _ordinary_permissions(tmp)
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
+        old = _sibling(target, "old")
+        os.replace(target, old)  # a kill from here to the next rename: sweep_stale puts it back
     os.replace(tmp, target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old, of=target)
+
+
+# Temporary siblings of an output `X`, named by the process that made them (pid and start time,
+# so a later process that happens to get the same pid is told apart):
+#   .X.partial-OWNER-*  being built;  .X.old-OWNER  the finished X being replaced;
+#   .X.trash-OWNER  being deleted.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|trash)-(?P<pid>\d+)\.(?P<start>\d+)(-.*)?$")
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), "0" where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return "0"
+
+
+def _owner() -> str:
+    return f"{os.getpid()}.{_start_time(os.getpid())}"
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's live process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X"):
+            return False  # killed, not yet reaped by its parent
+    except (OSError, ValueError, IndexError):
+        pass
+    now = _start_time(pid)
+    return now == start or now == "0" or start == "0"
+
+
+def temp_sibling(target: str | Path) -> Path:
+    """A fresh folder beside `target` to build it in, named as this process's."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner()}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's is private; the folder becomes an ordinary output
+    return tmp
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{_owner()}")
+
+
+def discard(folder: str | Path, of: str | Path | None = None) -> None:
+    """Delete a folder so that it is never seen half-deleted under its name: renamed first to a
+    trash sibling of `of` (the output it belongs to; itself by default), which `sweep_stale(of)`
+    finishes deleting if this process is killed meanwhile."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    trash = _sibling(Path(of) if of is not None else folder, "trash")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def stale_temporaries(target: str | Path) -> list[Path]:
+    """The temporary siblings of `target` whose process is gone."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    found = []
+    for p in target.parent.iterdir():
+        m = _TEMP.match(p.name)
+        if m and m["name"] == target.name and not _alive(int(m["pid"]), m["start"]):
+            found.append(p)
+    return sorted(found)
+
+
+def sweep_stale_in(folder: str | Path) -> None:
+    """Delete every temporary in `folder` whose process is gone (checkpoint folders: nothing
+    there is ever restored, newer checkpoints stand in for a half-replaced one)."""
+    folder = Path(folder)
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _TEMP.match(p.name)
+        if m and not _alive(int(m["pid"]), m["start"]):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def sweep_stale(target: str | Path) -> None:
+    """Undo what a killed writer of `target` left: the finished output it was replacing goes
+    back in place if the new one never arrived; its half-built and half-deleted folders go."""
+    target = Path(target)
+    for p in stale_temporaries(target):
+        kind = _TEMP.match(p.name)["kind"]
+        if kind == "old" and not target.exists():
+            os.replace(p, target)
+        elif kind == "old":
+            discard(p, of=target)  # whole until renamed: never restore a half-deleted one
+        else:
+            shutil.rmtree(p, ignore_errors=True)  # still named stale if cut short: the next sweep goes on
 
 
 def _ordinary_permissions(folder: Path) -> None:

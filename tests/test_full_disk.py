@@ -67,9 +67,30 @@ def needs_mlx(stage):
             pytest.skip("mlx is not installed")
 
 
+def kept_progress(out: Path) -> Path | None:
+    """The blocks a quantize finished before the disk filled, kept for --resume (as finetune keeps
+    its checkpoints): <out>.partial/ with its settings and whole block files, or None."""
+    from safetensors.torch import load_file
+
+    progress = out.with_name(out.name + ".partial")
+    if not progress.is_dir():
+        return None
+    blocks = sorted(p.name for p in progress.glob("block-*.safetensors"))
+    assert blocks and sorted(p.name for p in progress.iterdir()) == blocks + ["settings.json"], blocks
+    for n in blocks:
+        load_file(progress / n)  # whole
+    return progress
+
+
+def temporaries(disk: Path, out: Path) -> list[Path]:
+    kept = kept_progress(out)
+    return [p for p in disk.rglob("*") if (".partial" in p.name or ".old-" in p.name)
+            and not (kept is not None and (p == kept or kept in p.parents))]
+
+
 def assert_nothing_half_written(disk: Path, out: Path, stage: str, result: str, text: str | None = None):
     assert result == "refused", f"{stage}: the full disk was not noticed"
-    leftovers = [p for p in disk.rglob("*") if ".partial" in p.name or ".old-" in p.name]
+    leftovers = temporaries(disk, out)
     assert not leftovers, leftovers
     if stage == "finetune":
         assert not (out / "adapter_config.json").exists()  # no finished adapter claimed
@@ -78,7 +99,8 @@ def assert_nothing_half_written(disk: Path, out: Path, stage: str, result: str, 
                                                               "rng.safetensors", "trainer_state.json"]
     else:
         assert not out.exists(), sorted(out.rglob("*"))
-        assert folder_bytes(disk) == 0, sorted(disk.rglob("*"))
+        kept = kept_progress(out) if stage == "quantize" else None
+        assert folder_bytes(disk) == (folder_bytes(kept) if kept else 0), sorted(disk.rglob("*"))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +146,7 @@ def test_a_small_tmpfs_is_refused_in_one_line(bases, tiny_model_dir, full_sizes,
         last = text.strip().splitlines()[-1]
         print(f"{stage} tmpfs {share}: {last}")
         assert "no space left on the device" in last and str(disk) in last, last
+        assert ("--resume" in last) == (kept_progress(out) is not None), last
 
 
 # ---- simulated: ENOSPC past a byte budget ------------------------------------------------------
@@ -213,6 +236,7 @@ def simulated_case(bases, tiny_model_dir, full_sizes, tmp_path, monkeypatch, sta
     assert_nothing_half_written(disk, out, stage, result)
     last = text.strip().splitlines()[-1]
     assert "no space left on the device" in last and str(disk) in last, last
+    assert ("--resume" in last) == (kept_progress(out) is not None), last
     return last
 
 
@@ -228,7 +252,8 @@ def test_a_full_disk_never_damages_the_finished_output_it_would_replace(bases, t
                                                                       stage):
     """--overwrite on a disk with room for one output only: the new one fails in one line and the
     finished one stays as it was, byte for byte."""
-    with small_tmpfs(tmp_path / "disk", int(full_sizes(stage) * 1.5)) as disk:
+    # quantize also needs room for its progress (the finished blocks, kept until the output is whole)
+    with small_tmpfs(tmp_path / "disk", int(full_sizes(stage) * (2.0 if stage == "quantize" else 1.5))) as disk:
         out = disk / "out"
         args = stage_args(stage, bases, tiny_model_dir, out, tmp_path / "cfg")
         assert call_cli(args) == "ok"
@@ -237,7 +262,7 @@ def test_a_full_disk_never_damages_the_finished_output_it_would_replace(bases, t
         result, text = call_cli(args + overwrite, output=True)
         assert result == "refused" and "no space left on the device" in text, text
         assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
-        assert not [p for p in disk.rglob("*") if ".partial" in p.name or ".old-" in p.name]
+        assert not temporaries(disk, out)
 
 
 # ---- the slow step: the disk filling at every 5% of the output ----------------------------------

@@ -19,6 +19,8 @@ def quantize(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+    resume: bool = typer.Option(False, "--resume", help="continue after the last block an interrupted run "
+                                                        "saved in <output>.partial/"),
 ) -> None:
     """Quantize a causal LM with GPTQ and write a GPTQ-format checkpoint plus a JSON report."""
     flags = {"model.name_or_path": model, "quantize.bits": bits, "quantize.group_size": group_size,
@@ -31,7 +33,7 @@ def quantize(
     quiet_library_logs()
     from ..recipes.quantize import run
 
-    report = run(cfg)
+    report = run(cfg, resume=resume)
     _print_summary(report)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -113,12 +113,29 @@ LayerQuantizer = Callable[[str, nn.Linear, torch.Tensor, "torch.Tensor | None"],
 LayerStatsHook = Callable[[str, torch.Tensor, QuantizedWeight, torch.Tensor], None]
 
 
+class BlockStore(Protocol):
+    """Where finished blocks are kept so that a run can resume after them (quant/block_store.py)."""
+
+    def finished(self) -> int: ...
+    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]: ...
+    def save(self, index: int, results: dict[str, QuantizedWeight], reports: list[LayerReport]) -> None: ...
+
+
+@dataclass
+class _Streams:
+    """The calibration batches (and the held-out and full-precision reference ones, when
+    asked) as they enter the next block."""
+    inputs: BlockInputs
+    held: BlockInputs | None
+    ref: BlockInputs | None
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection, device: torch.device,
                    on_block: Callable[[int, int], None] | None = None,
                    quantize_layer: LayerQuantizer | None = None, heldout_ids: torch.Tensor | None = None,
                    asymmetric: bool = False, layer_stats: LayerStatsHook | None = None,
-                   ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+                   store: BlockStore | None = None) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
     """Quantize every linear layer of the decoder blocks in place (weights become W~) and
     return the quantized weights by full module name, with a report per layer.
 
@@ -128,66 +145,119 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
     error is also reported on them. With `asymmetric`, each layer aims at the output the model
     as given (before any change) computes on its own inputs (quant/asymmetric.py).
     `layer_stats(name, target, quantized weight, H)` is called for every layer while the weight it aimed at
-    and H are still at hand (lora/init_stats.py gathers what `lora.init` needs there)."""
+    and H are still at hand (lora/init_stats.py gathers what `lora.init` needs there).
+    `store` saves each block as it finishes; the blocks it already holds are not quantized again but
+    restored, and the calibration batches are passed through them as they were the first time."""
     quantize_layer = quantize_layer or (lambda _name, w, H, _held: _quantize_layer(w, H, q))
     prefix, blocks = decoder_blocks(model)
-    # Everything but the blocks (embeddings, final norm, head) goes to the device; each block
-    # visits the device only for its turn.
-    blocks.to("cpu")
-    _move_non_block_parts(model, blocks, device)
-    batches = [b.to(device) for b in calib_ids.split(q.batch_size)]
-    inputs = capture_block_inputs(model, blocks, batches)
-    held = None
-    if heldout_ids is not None:
-        held = capture_block_inputs(model, blocks, [b.to(device) for b in heldout_ids.split(q.batch_size)])
-    _move_non_block_parts(model, blocks, "cpu")
-    ref = BlockInputs(list(inputs.hidden), inputs.kwargs) if asymmetric else None
-
+    streams = _block_zero_inputs(model, blocks, calib_ids, heldout_ids, q.batch_size, device, asymmetric)
+    done = store.finished() if store is not None else 0
     results: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for i, block in enumerate(blocks):
         block.to(device)
-        ref_block = copy.deepcopy(block) if asymmetric else None
-        layers = linear_layers(block)
-        if q.true_sequential:
-            groups = sequential_groups(block, inputs.hidden[0], inputs.kwargs[0])
+        ref_block = copy.deepcopy(block) if asymmetric else None  # the block before any change
+        if i < done:
+            block_results, block_reports = store.load(i)
+            _install_restored(block, f"{prefix}.{i}", block_results)
         else:
-            groups = [list(layers)]
-        for group in groups:
-            accs = _hessians(block, group, inputs, stop_early=q.true_sequential)
-            held_accs = _hessians(block, group, held, stop_early=q.true_sequential) if held else {}
-            cross = cross_inputs(block, ref_block, group, inputs, ref) if asymmetric else {}
-            for name in group:
-                lin = layers[name]
-                t0 = time.perf_counter()
-                H = accs[name].H
-                H_held = held_accs[name].H if held else None
-                w = lin.weight.data.float()
-                full = f"{prefix}.{i}.{name}"
-                target = asymmetric_target(w, cross[name].C, H, q.damp_percent) if asymmetric else w
-                qw, damp = quantize_layer(full, target, H, H_held)
-                approx = qw.dequantize().to(H.device)
-                if not torch.isfinite(approx).all():
-                    raise UserError(f"quantizing {full} gave non-finite weights: its calibration inputs "
-                                    f"overflow in {lin.weight.dtype}; use model.dtype=float32")
-                err = output_error(w, approx, H)
-                held_err = output_error(w, approx, H_held) if held else None
-                if layer_stats is not None:
-                    layer_stats(full, target, qw, H)
-                lin.weight.data.copy_(approx.to(lin.weight.dtype))  # w may share its storage: errors first
-                results[full] = qw
-                reports.append(LayerReport(full, lin.in_features, lin.out_features, err, damp,
-                                           time.perf_counter() - t0, held_err))
-            del accs, held_accs, cross
-        for part in (inputs, held) if held else (inputs,):
-            part.hidden = [_block_output(block, h, kw) for h, kw in zip(part.hidden, part.kwargs)]
-        if asymmetric:
-            ref.hidden = [_block_output(ref_block, h, kw) for h, kw in zip(ref.hidden, ref.kwargs)]
-            del ref_block
+            block_results, block_reports = _quantize_block(block, f"{prefix}.{i}", streams, ref_block, q,
+                                                           quantize_layer, layer_stats)
+        results.update(block_results)
+        reports.extend(block_reports)
+        _advance(block, ref_block, streams)
         block.to("cpu")
+        if store is not None and i >= done:
+            store.save(i, block_results, block_reports)
         if on_block:
             on_block(i + 1, len(blocks))
     return results, reports
+
+
+def _block_zero_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor,
+                       heldout_ids: torch.Tensor | None, batch_size: int, device, asymmetric: bool) -> _Streams:
+    """What block 0 receives for each batch. Everything but the blocks (embeddings, final norm,
+    head) visits the device for this; each block visits it only for its turn."""
+    blocks.to("cpu")
+    _move_non_block_parts(model, blocks, device)
+    inputs = capture_block_inputs(model, blocks, [b.to(device) for b in calib_ids.split(batch_size)])
+    held = None
+    if heldout_ids is not None:
+        held = capture_block_inputs(model, blocks, [b.to(device) for b in heldout_ids.split(batch_size)])
+    _move_non_block_parts(model, blocks, "cpu")
+    ref = BlockInputs(list(inputs.hidden), inputs.kwargs) if asymmetric else None
+    return _Streams(inputs, held, ref)
+
+
+def _quantize_block(block: nn.Module, block_name: str, streams: _Streams, ref_block: nn.Module | None,
+                    q: QuantizeSection, quantize_layer: LayerQuantizer, layer_stats: LayerStatsHook | None,
+                    ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+    """Quantize one block's layers, group after group (true-sequential: each group sees the
+    quantized outputs of the groups before it)."""
+    inputs, held = streams.inputs, streams.held
+    layers = linear_layers(block)
+    if q.true_sequential:
+        groups = sequential_groups(block, inputs.hidden[0], inputs.kwargs[0])
+    else:
+        groups = [list(layers)]
+    results: dict[str, QuantizedWeight] = {}
+    reports: list[LayerReport] = []
+    for group in groups:
+        accs = _hessians(block, group, inputs, stop_early=q.true_sequential)
+        held_accs = _hessians(block, group, held, stop_early=q.true_sequential) if held else {}
+        cross = cross_inputs(block, ref_block, group, inputs, streams.ref) if ref_block is not None else {}
+        for name in group:
+            full = f"{block_name}.{name}"
+            H_held = held_accs[name].H if held else None
+            C = cross[name].C if ref_block is not None else None
+            results[full], report = _quantize_one(layers[name], full, accs[name].H, H_held, C, q,
+                                                  quantize_layer, layer_stats)
+            reports.append(report)
+        del accs, held_accs, cross
+    return results, reports
+
+
+def _quantize_one(lin: nn.Linear, full: str, H: torch.Tensor, H_held: torch.Tensor | None, C: torch.Tensor | None,
+                  q: QuantizeSection, quantize_layer: LayerQuantizer, layer_stats: LayerStatsHook | None,
+                  ) -> tuple[QuantizedWeight, LayerReport]:
+    """Quantize one layer (aiming at `asymmetric_target` when C is given) and put W~ in its place."""
+    t0 = time.perf_counter()
+    w = lin.weight.data.float()
+    target = asymmetric_target(w, C, H, q.damp_percent) if C is not None else w
+    qw, damp = quantize_layer(full, target, H, H_held)
+    approx = qw.dequantize().to(H.device)
+    if not torch.isfinite(approx).all():
+        raise UserError(f"quantizing {full} gave non-finite weights: its calibration inputs "
+                        f"overflow in {lin.weight.dtype}; use model.dtype=float32")
+    err = output_error(w, approx, H)
+    held_err = output_error(w, approx, H_held) if H_held is not None else None
+    if layer_stats is not None:
+        layer_stats(full, target, qw, H)
+    lin.weight.data.copy_(approx.to(lin.weight.dtype))  # w may share its storage: errors first
+    return qw, LayerReport(full, lin.in_features, lin.out_features, err, damp, time.perf_counter() - t0, held_err)
+
+
+def _install_restored(block: nn.Module, block_name: str, results: dict[str, QuantizedWeight]) -> None:
+    """Give a block restored from a store the W~ its layers had when it was quantized, so the
+    batches passed through it come out as they did the first time."""
+    for name, lin in linear_layers(block).items():
+        full = f"{block_name}.{name}"
+        if full not in results:
+            raise UserError(f"the saved progress lacks layer {full}: it was made from another model; "
+                            "start over without --resume")
+        approx = results[full].dequantize()  # elementwise: the same on any device
+        if approx.shape != lin.weight.shape:
+            raise UserError(f"the saved progress holds {full} as {tuple(approx.shape)}, the model has "
+                            f"{tuple(lin.weight.shape)}: it was made from another model; start over without --resume")
+        lin.weight.data.copy_(approx.to(lin.weight.dtype))
+
+
+def _advance(block: nn.Module, ref_block: nn.Module | None, streams: _Streams) -> None:
+    """Pass every stream through the finished block: what the next block receives."""
+    for part in (streams.inputs, streams.held) if streams.held else (streams.inputs,):
+        part.hidden = [_block_output(block, h, kw) for h, kw in zip(part.hidden, part.kwargs)]
+    if ref_block is not None:
+        streams.ref.hidden = [_block_output(ref_block, h, kw) for h, kw in zip(streams.ref.hidden, streams.ref.kwargs)]
 
 
 def _move_non_block_parts(model: nn.Module, blocks: nn.ModuleList, device) -> None:

@@ -1,0 +1,132 @@
+"""`qalora quantize --resume` (issue 17, item 1): stopped by Ctrl-C after a block, resumed and
+killed with SIGKILL after more, then resumed again, the run gives the uninterrupted run's checkpoint bit for bit; a resume with
+other settings is refused in one line; the progress folder goes once the output is finished.
+The long soak (kills at random moments, every stage) is tests/test_kill_soak_slow.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import kill_soak
+from conftest import make_tiny_llama, tiny_config_dict
+from fuzz_readers import call_cli
+from qalora_cli.cli.app import app
+from qalora_cli.config.loader import validate
+from qalora_cli.recipes.quantize import run as quantize
+
+BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def deep_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with 4 blocks, so a kill can fall between blocks."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama-4")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    make_tiny_llama(len(tok), num_hidden_layers=BLOCKS).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(model_dir: Path, out: Path, **quantize_settings) -> dict:
+    d = tiny_config_dict(model_dir, out, act_order=True, **quantize_settings)
+    d["output"]["init_stats"] = True  # the lora.init statistics are resumed too
+    return d
+
+
+def config_file(tmp: Path, d: dict) -> Path:
+    f = tmp / "cfg" / "q.yaml"
+    f.parent.mkdir(exist_ok=True)
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+def blocks_done(out: Path) -> int:
+    return len(list(out.with_name(out.name + ".partial").glob("block-*.safetensors")))
+
+
+def ctrl_c_after_first_block(args: list, out: Path) -> None:
+    """Run `qalora ARGS` here, interrupted (SIGINT, what Ctrl-C sends) once a block is saved."""
+    def watch():
+        while not blocks_done(out) and not done.is_set():
+            time.sleep(0.005)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    except KeyboardInterrupt:
+        pass
+    else:
+        assert result.exit_code == 130, result.output  # the CLI's answer to Ctrl-C
+    finally:
+        done.set()
+        watcher.join()
+    assert blocks_done(out) >= 1
+
+
+def test_interrupted_then_killed_then_resumed_equals_an_uninterrupted_run(deep_model_dir, tmp_path):
+    whole = tmp_path / "whole" / "out"
+    quantize(validate(config(deep_model_dir, whole), "t"), show_progress=False)
+    out = tmp_path / "cut" / "out"
+    cfg = config_file(tmp_path, config(deep_model_dir, out))
+    ctrl_c_after_first_block(["quantize", "--config", cfg], out)  # here: quick
+    killed = kill_soak.run_until(["quantize", "--config", cfg, "--resume"], lambda _t: blocks_done(out) >= 3)
+    assert killed.killed, killed.stderr[-2000:]
+    assert "resuming after block " in killed.stderr
+    assert not out.exists()  # never a half-written output
+    saved = blocks_done(out)
+    assert 3 <= saved <= BLOCKS
+    result, text = call_cli(["quantize", "--config", cfg, "--resume"], output=True)
+    assert result == "ok"
+    assert f"resuming after block {saved}" in text  # the saved blocks were not quantized again
+    assert kill_soak.differences(whole, out) == []
+    assert kill_soak.leftovers(out.parent, {"out"}) == []  # progress and temporaries gone
+
+
+def test_a_resume_with_other_settings_is_refused_in_one_line(deep_model_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = config_file(tmp_path, config(deep_model_dir, out))
+    ctrl_c_after_first_block(["quantize", "--config", cfg], out)
+    progress = out.with_name("out.partial")
+    before = {p.name: p.read_bytes() for p in progress.iterdir()}
+    result, text = call_cli(["quantize", "--config", cfg, "--resume", "--bits", "3"], output=True)
+    assert result == "refused" and "other settings (quantize.bits)" in text, text
+    # a plain re-run does not silently discard (nor continue) the progress either
+    result, text = call_cli(["quantize", "--config", cfg], output=True)
+    assert result == "refused" and "--resume" in text, text
+    assert {p.name: p.read_bytes() for p in progress.iterdir()} == before  # nothing touched
+    # --overwrite starts over and finishes: the progress is replaced, then removed
+    assert call_cli(["quantize", "--config", cfg, "--overwrite"]) == "ok"
+    assert not progress.exists() and (out / "config.json").is_file()
+    # resuming a finished output is a no-op that says so
+    result, text = call_cli(["quantize", "--config", cfg, "--resume"], output=True)
+    assert result == "ok" and "already finished" in text
+
+
+def test_a_resume_with_other_model_weights_is_refused(deep_model_dir, tmp_path):
+    """Same config, same path, other weights (a different fine-tune of one architecture)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(deep_model_dir, model)
+    out = tmp_path / "out"
+    cfg = config_file(tmp_path, config(model, out))
+    ctrl_c_after_first_block(["quantize", "--config", cfg], out)
+    from transformers import AutoTokenizer
+
+    make_tiny_llama(len(AutoTokenizer.from_pretrained(model)), seed=1, num_hidden_layers=BLOCKS).save_pretrained(model)
+    result, text = call_cli(["quantize", "--config", cfg, "--resume"], output=True)
+    assert result == "refused" and "other inputs (model weights" in text and "model_weights" in text, text
