@@ -18,6 +18,7 @@ import torch
 
 from ..config.schema import RunConfig
 from ..errors import UserError
+from ..output_dir import discard, sweep_stale
 from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
 from ..train.loop import Run, evaluate, train_loop
 from ..train.optim import build_optimizer, build_scheduler
@@ -40,6 +41,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Decide, before any slow work, whether this run may use `run_dir`."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    sweep_stale(run_dir)  # what a killed --overwrite left half-deleted
     finished = (run_dir / "adapter_config.json").is_file()
     has_ckpt = bool(checkpoint_dirs(run_dir))
     if resume:
@@ -193,7 +195,7 @@ class FinetuneRecipe:
             self.start_step = _restore(self.run_dir, fingerprint, trainee, optimizer, scheduler, acc)
         elif acc.is_main_process:
             if self.run_dir.exists():
-                shutil.rmtree(self.run_dir)  # --overwrite, checked above
+                discard(self.run_dir)  # --overwrite, checked above; renamed first: never seen half-deleted
             self.run_dir.mkdir(parents=True)
         acc.wait_for_everyone()
         self.loop = Run(acc, loss_model, trainee.adapter_tensors, trainee.params, optimizer, scheduler,

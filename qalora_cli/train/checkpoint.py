@@ -8,7 +8,9 @@
                                   the base's SHA-256 and the settings that must not change
 
 Only safetensors and JSON: no pickle is ever written or loaded. A checkpoint is written to a
-temporary folder and renamed into place, so a crash mid-save leaves the previous one intact.
+temporary folder and renamed into place, and an old one is renamed away before it is deleted,
+so a process killed at any moment (kill -9 included) leaves every step-* folder whole; the
+next save removes what the killed process left half-done.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..output_dir import disk_full_error, folder_bytes, is_disk_full
+from ..output_dir import discard, disk_full_error, folder_bytes, is_disk_full, sweep_stale_in, temp_sibling
 
 STATE = "trainer_state.json"
 
@@ -79,12 +81,11 @@ def save_checkpoint(run_dir: Path, step: int, adapter_tensors: dict[str, torch.T
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    sweep_stale_in(root)  # what a killed run left: checkpoints half-written or half-deleted
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    tmp = temp_sibling(final)
     try:
-        tmp.mkdir()
         save_file(adapter_tensors, tmp / "adapter_model.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({"rng": rng_states.contiguous()}, tmp / "rng.safetensors")
@@ -98,11 +99,10 @@ def save_checkpoint(run_dir: Path, step: int, adapter_tensors: dict[str, torch.T
             needs = sum(t.numel() * t.element_size() for d in (adapter_tensors, opt_tensors) for t in d.values())
             raise disk_full_error(final, written, needs + rng_states.numel() * rng_states.element_size()) from e
         raise
-    if final.exists():
-        shutil.rmtree(final)
+    discard(final)  # whole until it is renamed away: never a half-deleted step-* folder
     os.replace(tmp, final)
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
 
 
