@@ -21,8 +21,6 @@ MODEL_HELP = ("a qalora GPTQ or merged checkpoint folder (qalora or gptq format)
               "file or a hub id (with --adapter: its base)")
 ADAPTER_HELP = ("a qalora adapter folder (put on the GPTQ checkpoint --model) or a qlora/lora run's PEFT adapter "
                 "folder (its base is read from qalora_base.json)")
-# Written beside a PEFT adapter by `finetune.method: qlora | lora`: {"method", "base", "nf4", "base_sha256"}.
-PEFT_BASE_FILE = "qalora_base.json"
 
 
 def load_eval_model(model: str | None, adapter: str | Path | None, device: str = "auto", dtype: str = "auto",
@@ -30,12 +28,13 @@ def load_eval_model(model: str | None, adapter: str | Path | None, device: str =
     """-> (model in eval mode, tokenizer, a name for the report). The chosen kernels are
     printed to stderr."""
     from ..device import resolve_device
+    from ..lora.peft_models import is_peft_adapter
 
     if model is None and adapter is None:
         raise UserError("give --model (a GPTQ or merged checkpoint, a Hugging Face folder, a .gguf file or a hub id)")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if adapter is not None and is_peft_adapter(Path(adapter)):
+    if adapter is not None and is_peft_adapter(adapter):
         return _load_peft(model, Path(adapter), dev, torch_dtype, kernel)
     config = tensors = None
     if adapter is not None:
@@ -128,37 +127,17 @@ def _load_float(model: str, dev, torch_dtype):
 
 # ---- PEFT adapters (finetune.method qlora | lora) ------------------------------------------------
 
-def is_peft_adapter(folder: Path) -> bool:
-    """A folder whose adapter_config.json names a PEFT type (a qalora adapter's names its format)."""
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False  # not PEFT; the qalora reader says what is wrong with it
-    return isinstance(config, dict) and "peft_type" in config
-
-
-def _peft_models(adapter: Path):
-    """qalora_cli.lora.peft_models (the qlora/lora fine-tune's own reader), imported only here."""
-    try:
-        from ..lora import peft_models
-    except ImportError as e:
-        if e.name != "qalora_cli.lora.peft_models":
-            raise
-        raise UserError(f"'{adapter}' is a PEFT adapter, and this qalora cannot load those") from None
-    return peft_models
-
-
-def _check_peft_base(model: str, adapter: Path, recorded, base_sha256: str, peft_models) -> None:
+def _check_peft_base(model: str, adapter: Path, recorded, base_sha256: str) -> None:
     """--model, when given with a PEFT adapter, must be the base qalora_base.json names: the same
     folder or hub id, or files of the same SHA-256 (the identity the run recorded)."""
     from ..config.schema import ModelSection
+    from ..lora.peft_models import BASE_FILE, source_sha256
 
     if recorded.name_or_path == model or _same_path(model, recorded.name_or_path):
         return
-    if Path(model).expanduser().exists() and peft_models.source_sha256(ModelSection(name_or_path=model)) == \
-            base_sha256:
+    if Path(model).expanduser().exists() and source_sha256(ModelSection(name_or_path=model)) == base_sha256:
         return
-    raise UserError(f"'{adapter}' was trained on '{recorded.name_or_path}' ({PEFT_BASE_FILE}), not on '{model}': "
+    raise UserError(f"'{adapter}' was trained on '{recorded.name_or_path}' ({BASE_FILE}), not on '{model}': "
                     "omit --model or give that base")
 
 
@@ -168,14 +147,15 @@ def _same_path(a: str, b: str) -> bool:
 
 def _load_peft(model: str | None, adapter: Path, dev, torch_dtype, kernel: str):
     """The base rebuilt as qalora_base.json says (16-bit, or NF4 for qlora), the adapter on it."""
-    peft_models = _peft_models(adapter)
-    record, base = peft_models.read_base_record(adapter)  # a damaged folder fails before any weights load
+    from ..lora.peft_models import load_peft_adapter_model, read_base_record
+
+    record, base = read_base_record(adapter)  # a damaged folder fails before any weights load
     if model is not None:
-        _check_peft_base(model, adapter, base, record["base_sha256"], peft_models)
+        _check_peft_base(model, adapter, base, record["base_sha256"])
     if kernel not in ("auto", "torch"):
         raise UserError(f"--kernel {kernel}: a {record['method']} adapter's base holds no GPTQ layers; kernels "
                         "apply to quantized layers")
-    peft_model, tokenizer = peft_models.load_peft_adapter_model(adapter, dev, torch_dtype)
+    peft_model, tokenizer = load_peft_adapter_model(adapter, dev, torch_dtype)
     # PEFT injects its LoRA layers into the transformers model itself: that model runs with the
     # adapter on, and is what the MMLU, perplexity and attention-sink code expect (the wrapper
     # hides e.g. model.model.rotary_emb).
