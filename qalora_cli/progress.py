@@ -1,4 +1,5 @@
-"""Progress for long work: a rich bar on a terminal, a plain line per step otherwise (logs)."""
+"""Progress for long work: a rich bar on a terminal, a plain line per step otherwise (logs).
+`rich_bar` is the one bar every kind of progress draws (blocks, questions, training steps)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,34 @@ from typing import Callable, Iterator
 LOG_EVERY_S = 10.0
 
 
+def on_terminal() -> bool:
+    """Whether progress goes to a terminal (stderr) that can redraw a bar."""
+    from rich.console import Console
+
+    return Console(stderr=True).is_terminal
+
+
+@contextmanager
+def rich_bar(description: str, *columns, tail: tuple = (), enabled: bool = True, total: int | None = None,
+             completed: int = 0, **fields) -> Iterator[Callable[..., None]]:
+    """A bar on stderr: the description, the bar, done/total, `columns`, the elapsed time, then
+    `tail`. -> update(**kw), rich's Progress.update for this bar (completed=, total=, description=,
+    or the task's own `fields`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
+                  TimeElapsedColumn(), *tail, console=Console(stderr=True), disable=not enabled,
+                  transient=False) as bar:
+        task = bar.add_task(description, total=total, completed=completed, **fields)
+        yield lambda **kw: bar.update(task, **kw)
+
+
 @contextmanager
 def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """-> show(done, total, phase=None): a later phase of the same work (e.g. the refit's
     distillation after its block pass) renames the bar instead of opening a second one."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if enabled and not console.is_terminal:
+    if enabled and not on_terminal():
         start = time.perf_counter()
 
         def log_line(done: int, total: int, phase: str | None = None) -> None:
@@ -28,12 +48,10 @@ def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[
 
         yield log_line
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not enabled, transient=False) as bar:
-        task = bar.add_task(description, total=None)
+    with rich_bar(description, enabled=enabled) as update:
 
         def advance(done: int, total: int, phase: str | None = None) -> None:
-            bar.update(task, completed=done, total=total, **({"description": phase} if phase else {}))
+            update(completed=done, total=total, **({"description": phase} if phase else {}))
 
         yield advance
 
@@ -41,14 +59,8 @@ def block_progress(description: str, enabled: bool = True) -> Iterator[Callable[
 @contextmanager
 def rate_progress(description: str, unit: str = "questions") -> Iterator[Callable[[int, int], None]]:
     """A bar with units/s on a terminal; otherwise a plain line every LOG_EVERY_S (logs)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
-    console = Console(stderr=True)
-    start = time.perf_counter()
-    if not console.is_terminal:
-        last = [0.0]
+    if not on_terminal():
+        start, last = time.perf_counter(), [0.0]
 
         def log_line(done: int, total: int) -> None:
             now = time.perf_counter() - start
@@ -60,17 +72,17 @@ def rate_progress(description: str, unit: str = "questions") -> Iterator[Callabl
 
         yield log_line
         return
+    with rich_bar(description, _rate_column(unit)) as update:
+        yield lambda done, total: update(completed=done, total=total)
+
+
+def _rate_column(unit: str):
+    from rich.progress import ProgressColumn
+    from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
             elapsed = task.elapsed or 0.0
             return Text(f"{task.completed / elapsed:.1f} {unit}/s" if elapsed > 0 else "")
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
+    return Rate()

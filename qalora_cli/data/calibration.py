@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from ..config.schema import CalibrationSection
-from ..errors import UserError
+from ..errors import UserError, first_line, root_cause
 from .builtin_text import calibration_text
+from .file_types import DATA_SUFFIXES
 
-TEXT_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = DATA_SUFFIXES  # the name eval/ppl_text.py imports
 
 
 def check_json_records(files) -> None:
@@ -61,11 +62,7 @@ def load_local(builder: str, files, name: str):
         return datasets.load_dataset(builder, data_files=files if isinstance(files, list) else str(files),
                                      split="train")
     except Exception as e:
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        why = (str(root).strip().splitlines() or [type(root).__name__])[0]
-        raise UserError(f"could not read {builder} data in '{name}': {why}") from e
+        raise UserError(f"could not read {builder} data in '{name}': {first_line(root_cause(e))}") from e
 
 
 def describe(c: CalibrationSection) -> str:
@@ -88,14 +85,14 @@ def _texts(c: CalibrationSection, chars_needed: int) -> list[str]:
         try:
             ds = datasets.load_dataset(c.dataset, c.dataset_config, split=c.split, streaming=True)
         except Exception as e:
-            raise UserError(f"could not load calibration dataset '{c.dataset}': {str(e).splitlines()[0]}") from e
+            raise UserError(f"could not load calibration dataset '{c.dataset}': {first_line(e)}") from e
         return take_field(ds, c.text_field, chars_needed, c.dataset)
     texts: list[str] = []
     for p in map(Path, c.paths):
         if not p.is_file():
             raise UserError(f"calibration file '{p}' does not exist")
-        if p.suffix in TEXT_SUFFIXES:
-            ds = load_local(TEXT_SUFFIXES[p.suffix], str(p), str(p))
+        if p.suffix in DATA_SUFFIXES:
+            ds = load_local(DATA_SUFFIXES[p.suffix], str(p), str(p))
             texts += take_field(ds, c.text_field, None, str(p))
         else:
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
@@ -110,7 +107,7 @@ def take_field(ds, field: str, chars_needed: int | None, name: str,
         try:
             row = next(rows, None)
         except Exception as e:  # rows are decoded as they are read: a damaged file fails here
-            raise UserError(f"the data '{name}' could not be read: {(str(e).splitlines() or [type(e).__name__])[0]}"
+            raise UserError(f"the data '{name}' could not be read: {first_line(e)}"
                             ) from e
         if row is None:
             break

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from ..config.schema import DataSection
-from ..errors import UserError
+from ..errors import UserError, first_line, root_cause
+from .file_types import DATA_SUFFIXES
 from .record_task import record_task
 
-DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 IGNORE = -100
 # A file in a data folder whose name starts with one of these is that split; others are train.
 _SPLIT_NAME = re.compile(r"^(train|validation|valid|val|dev|test|eval)(?=$|[-_.])", re.IGNORECASE)
@@ -48,13 +48,9 @@ class Example:
 
 # ---- loading -------------------------------------------------------------------------------
 
-def _first_line(e: BaseException) -> str:
+def _with_cause(e: BaseException) -> str:
     """The error's first line, and its root cause's (datasets wraps the telling one)."""
-    root = e
-    while root.__cause__ is not None:
-        root = root.__cause__
-    lines = [(str(x).strip().splitlines() or [type(x).__name__])[0] for x in dict.fromkeys((e, root))]
-    return ": ".join(lines)
+    return ": ".join(first_line(x) for x in dict.fromkeys((e, root_cause(e))))
 
 
 def _looks_like_path(source: str) -> bool:
@@ -116,7 +112,7 @@ def _load_split(d: DataSection, split: str, key: str):
         except Exception as e:
             if _no_rows(splits[split], builder):  # only now: reading every file costs
                 raise UserError(f"data source '{path}' [{split}] is empty; give a source with records") from e
-            raise UserError(f"could not read {builder} data in '{path}': {_first_line(e)}") from e
+            raise UserError(f"could not read {builder} data in '{path}': {_with_cause(e)}") from e
     if _looks_like_path(d.source):
         raise UserError(f"data source '{d.source}' does not exist; give an existing file or folder "
                         f"({', '.join(DATA_SUFFIXES)}), a hub dataset id, or 'builtin'")
@@ -129,11 +125,11 @@ def _load_split(d: DataSection, split: str, key: str):
         names = datasets.get_dataset_split_names(d.source, d.hub_config)
     except Exception:
         raise UserError(f"data source '{d.source}' is neither a local file or folder nor a loadable hub "
-                        f"dataset ({_first_line(error)}); check the path or the dataset id") from error
+                        f"dataset ({_with_cause(error)}); check the path or the dataset id") from error
     if split not in names:
         raise UserError(f"{key} '{split}' is not in hub dataset '{d.source}' (splits: {', '.join(names)}); "
                         f"set data.{key} to one of them")
-    raise UserError(f"could not load hub dataset '{d.source}' [{split}]: {_first_line(error)}") from error
+    raise UserError(f"could not load hub dataset '{d.source}' [{split}]: {_with_cause(error)}") from error
 
 
 def load_records(d: DataSection) -> tuple[list[dict], list[dict], str]:
@@ -169,7 +165,7 @@ def load_records(d: DataSection) -> tuple[list[dict], list[dict], str]:
     try:  # rows are decoded here: a damaged file (e.g. invalid UTF-8 in a parquet column) fails now
         train, evals = ds.select(train_idx).to_list(), eval_ds.select(sorted(eval_idx)).to_list()
     except Exception as e:
-        raise UserError(f"could not read the records of '{d.source}': {_first_line(e)}") from e
+        raise UserError(f"could not read the records of '{d.source}': {_with_cause(e)}") from e
     where = "local" if Path(d.source).expanduser().exists() else "hub"
     name = d.source + (f"/{d.hub_config}" if d.hub_config and where == "hub" else "")
     return train, evals, f"{where}: {name} [{d.split}]: {len(train)} train, {len(evals)} held out {held}"
@@ -234,7 +230,7 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:
-        raise UserError(f"the tokenizer's chat template failed on a record: {_first_line(e)}; "
+        raise UserError(f"the tokenizer's chat template failed on a record: {_with_cause(e)}; "
                         "check the messages' roles and order") from e
 
 

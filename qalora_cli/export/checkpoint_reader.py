@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models.quantized_io import weight_files
 from ..models.safetensors_stream import StreamReader
 
@@ -24,7 +24,7 @@ class CheckpointReader:
                 self._readers[f] = StreamReader(f)
             except Exception as e:
                 self.close()
-                raise UserError(f"'{f}': corrupt weights file: {str(e).splitlines()[0]}") from e
+                raise UserError(f"'{f}': corrupt weights file: {first_line(e)}") from e
             self.file_of.update({k: f for k in self._readers[f].keys()})
 
     def keys_in(self, file: Path) -> list[str]:

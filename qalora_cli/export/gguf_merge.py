@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..quant.gptq_format import decode_qzeros
 from ..quant.groups import GroupLayout
 from ..quant.pack import unpack_rows
@@ -73,7 +73,7 @@ def _config_and_tokenizer(base: Path):
     try:
         config = AutoConfig.from_pretrained(base)
     except Exception as e:  # a damaged config.json
-        raise UserError(f"'{base / 'config.json'}' could not be read: {(str(e).splitlines() or [''])[0]}") from e
+        raise UserError(f"'{base / 'config.json'}' could not be read: {first_line(e)}") from e
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config, load_tokenizer(base)

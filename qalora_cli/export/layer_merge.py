@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..lora.adapter_io import ADAPTER_WEIGHTS
 from ..lora.merge import merge_zero_points
 from ..models.safetensors_stream import StreamReader
@@ -30,7 +30,7 @@ class LayerMerger:
             self._adapter = StreamReader(Path(adapter_dir) / ADAPTER_WEIGHTS)
         except Exception as e:
             raise UserError(f"'{Path(adapter_dir) / ADAPTER_WEIGHTS}': corrupt adapter weights: "
-                            f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
+                            f"{first_line(e)}") from e
         self.check()
 
     def check(self) -> None:

@@ -25,7 +25,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..dtypes import DTYPES
 from ..errors import UserError
+from ..lora.adapter_io import merged_adapter_record
 from ..models.safetensors_stream import StreamWriter
 from ..quant.groups import GroupLayout
 from ..quant.pack import pack_cols, unpack_cols
@@ -37,7 +39,7 @@ from .layer_merge import LayerMerger
 MLX_BITS = (2, 3, 4, 8)            # MLX also has 5 and 6; the toolkit quantizes to these
 MLX_GROUP_SIZES = (32, 64, 128)    # what mx.quantize / quantized_matmul accept for affine
 INDEX = "model.safetensors.index.json"
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_DTYPES = {name: DTYPES[name] for name in ("float16", "float32")}  # the choices of merge.mlx_dtype
 _NOT_COPIED = {"config.json", "quantize_config.json", INDEX}
 _GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 # Verification compares the MLX model (its stored values, run in float32) with the unmerged
@@ -169,8 +171,7 @@ def write_merged_mlx(merger: LayerMerger, base: Path, out_dir: Path, dtype_name:
     if len(set(weight_map.values())) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    merged = {"rank": merger.config["rank"], "alpha": merger.config["alpha"], "layers": len(merger.targets),
-              "base_sha256": base_sha256}  # as the gptq export records it
+    merged = merged_adapter_record(merger.config, base_sha256)
     write_mlx_config(base, out_dir, merger.bits, merger.group_size, merged)
     return rows
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..lora.adapter_io import merged_adapter_record
 from ..lora.merge import round_zeros
 from ..models.quantized_io import MERGED_QUANT_METHOD
 from ..models.safetensors_stream import StreamWriter
@@ -80,8 +81,7 @@ def write_merged_safetensors(merger: LayerMerger, out_dir: Path, fmt: str, on_la
 
 
 def merged_quantization_config(base_qc: dict, fmt: str, adapter_config: dict, base_sha256: str) -> dict:
-    merged = {"rank": adapter_config["rank"], "alpha": adapter_config["alpha"],
-              "layers": len(adapter_config["targets"]), "base_sha256": base_sha256}
+    merged = merged_adapter_record(adapter_config, base_sha256)
     if fmt == "qalora":
         return {
             "quant_method": MERGED_QUANT_METHOD,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config.schema import LoraSection
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models.quantized_io import weight_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,27 +38,39 @@ def make_adapter_config(lora: LoraSection, adapters: dict[str, nn.Module], quant
     """`data`: the data section the adapter was trained on, so that a GPTQ export can re-round
     the merged codes on the adapter's own inputs (export/gptq_refit.py)."""
     first = next(iter(adapters.values()))
+    return adapter_config(lora.rank, lora.alpha, lora.dropout, first.base.group_size, list(adapters),
+                          base_record(base_path, base_model, base_sha256, quantization), data=data)
+
+
+def adapter_config(rank: int, alpha: float, dropout: float, group_size: int, targets: list[str], base: dict,
+                   **extra) -> dict:
+    """adapter_config.json of a QA-LoRA adapter (trained here or imported); `extra` after the rest."""
     return {
         "format": FORMAT,
         "version": 1,
-        "rank": lora.rank,
-        "alpha": lora.alpha,
-        "scaling": lora.alpha / lora.rank,
-        "dropout": lora.dropout,
-        "group_size": first.base.group_size,
+        "rank": rank,
+        "alpha": alpha,
+        "scaling": alpha / rank,
+        "dropout": dropout,
+        "group_size": group_size,
         "pooling": "mean over the columns of each quantization group, by g_idx",
-        "targets": list(adapters),
-        "base": {
-            "path": str(base_path),
-            "model": base_model,
-            "sha256": base_sha256,
-            "bits": quantization.get("bits"),
-            "group_size": quantization.get("group_size"),
-            "desc_act": quantization.get("desc_act"),
-            "sym": quantization.get("sym"),
-        },
-        "data": data,
+        "targets": targets,
+        "base": base,
+        **extra,
     }
+
+
+def base_record(path: str | Path, model: str, sha256: str, quantization: dict) -> dict:
+    """The base checkpoint as an adapter records it: a merge onto any other base is refused."""
+    return {"path": str(path), "model": model, "sha256": sha256, "bits": quantization.get("bits"),
+            "group_size": quantization.get("group_size"), "desc_act": quantization.get("desc_act"),
+            "sym": quantization.get("sym")}
+
+
+def merged_adapter_record(config: dict, base_sha256: str) -> dict:
+    """What a merged model records of the adapter folded into it (every merge format alike)."""
+    return {"rank": config["rank"], "alpha": config["alpha"], "layers": len(config["targets"]),
+            "base_sha256": base_sha256}
 
 
 def adapter_state(adapters: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -98,7 +110,7 @@ def read_adapter_config(folder: str | Path) -> dict:
         with safe_open(w_path, "pt") as f:
             names = set(f.keys())
     except Exception as e:
-        raise UserError(f"'{w_path}': corrupt adapter weights: {str(e).splitlines()[0]}") from e
+        raise UserError(f"'{w_path}': corrupt adapter weights: {first_line(e)}") from e
     check_adapter_config(config, cfg_path)
     for name in config["targets"]:
         if f"{name}.lora_A" not in names or f"{name}.lora_B" not in names:
@@ -132,7 +144,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         tensors = load_file(w_path)
     except Exception as e:
-        raise UserError(f"'{w_path}': corrupt adapter weights: {str(e).splitlines()[0]}") from e
+        raise UserError(f"'{w_path}': corrupt adapter weights: {first_line(e)}") from e
     return config, tensors
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..quant.result import QuantizedWeight
 from . import init as init_math
 
@@ -114,7 +114,7 @@ def load_stats(base_dir: str | Path) -> dict[str, LayerStats] | None:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"'{path}': corrupt statistics file: {str(e).splitlines()[0]}; re-run `qalora quantize`") from e
+        raise UserError(f"'{path}': corrupt statistics file: {first_line(e)}; re-run `qalora quantize`") from e
     return _as_layers(tensors)
 
 

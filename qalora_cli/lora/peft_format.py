@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models.quantized_io import read_model_config, weight_files
 from ..quant.groups import GroupLayout
-from .adapter_io import FORMAT, checkpoint_sha256, read_adapter
+from .adapter_io import FORMAT, adapter_config, base_record, checkpoint_sha256, read_adapter
 
 PEFT_PREFIX = "base_model.model."
 
@@ -112,15 +112,8 @@ def import_peft(peft_dir: str | Path, base_dir: str | Path, out: Path) -> dict:
         a = raw[f"{PEFT_PREFIX}{t}.lora_A.weight"].float()
         tensors[f"{t}.lora_A"] = (a * facts[t][1] * ratio).contiguous()
         tensors[f"{t}.lora_B"] = raw[f"{PEFT_PREFIX}{t}.lora_B.weight"].float().contiguous()
-    config = {
-        "format": FORMAT, "version": 1, "rank": r, "alpha": alpha, "scaling": alpha / r,
-        "dropout": pc.get("lora_dropout", 0.0), "group_size": g,
-        "pooling": "mean over the columns of each quantization group, by g_idx",
-        "targets": targets, "imported_from": "peft",
-        "base": {"path": str(base_dir), "model": pc.get("base_model_name_or_path") or "unknown",
-                 "sha256": checkpoint_sha256(base_dir), "bits": qc.get("bits"), "group_size": qc.get("group_size"),
-                 "desc_act": qc.get("desc_act"), "sym": qc.get("sym")},
-    }
+    base = base_record(base_dir, pc.get("base_model_name_or_path") or "unknown", checkpoint_sha256(base_dir), qc)
+    config = adapter_config(r, alpha, pc.get("lora_dropout", 0.0), g, targets, base, imported_from="peft")
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": FORMAT})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

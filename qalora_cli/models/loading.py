@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..config.schema import ModelSection
-from ..errors import UserError
+from ..dtypes import DTYPES  # callers import it from here too
+from ..errors import UserError, first_line
 from .source import ModelSource, resolve_source
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "check_tokenizer", "load_model", "load_tokenizer", "quiet_transformers"]
 
 
 def load_model(m: ModelSection, device: str = "cpu"):
@@ -22,7 +21,7 @@ def load_model(m: ModelSection, device: str = "cpu"):
         tokenizer = check_tokenizer(AutoTokenizer.from_pretrained(src.location, **kw))
         model = AutoModelForCausalLM.from_pretrained(src.location, dtype=DTYPES[m.dtype], **kw)
     except Exception as e:  # the loading boundary: corrupt files, missing weights, no network
-        raise UserError(f"could not load the model '{src.describe()}': {_first_line(e)}") from e
+        raise UserError(f"could not load the model '{src.describe()}': {first_line(e)}") from e
     if src.gguf_file:
         # transformers dequantizes GGUF weights at load; nothing quantized remains, so the
         # model must not claim a quantizer when saved.
@@ -43,7 +42,7 @@ def load_tokenizer(path):
     try:
         return check_tokenizer(AutoTokenizer.from_pretrained(path))
     except Exception as e:  # the loading boundary: tokenizer.json, tokenizer_config.json, ...
-        raise UserError(f"'{path}': could not load its tokenizer: {_first_line(e)}") from e
+        raise UserError(f"'{path}': could not load its tokenizer: {first_line(e)}") from e
 
 
 def check_tokenizer(tokenizer):
@@ -52,11 +51,6 @@ def check_tokenizer(tokenizer):
     ids = tokenizer("Hello, world.\nHi")["input_ids"]
     tokenizer.decode(ids)
     return tokenizer
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def quiet_transformers() -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config.schema import QuantizeSection
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..kernels.torch_quant_linear import TorchQuantLinear
 from ..quant.result import QuantizedWeight
 from .modules import set_module
@@ -91,7 +91,7 @@ def weight_files(path: str | Path) -> list[Path]:
             if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
                 raise ValueError("its weight_map does not name shard files of this folder")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"'{index}' is damaged: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+            raise UserError(f"'{index}' is damaged: {first_line(e)}") from None
         return [path / n for n in names]
     single = path / "model.safetensors"
     if single.is_file():
@@ -129,7 +129,7 @@ def _read_quantized_config(path: Path):
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # the loading boundary: a damaged config.json
-        raise UserError(f"'{path / 'config.json'}' could not be read: {_first_line(e)}") from e
+        raise UserError(f"'{path / 'config.json'}' could not be read: {first_line(e)}") from e
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", MERGED_QUANT_METHOD):
@@ -168,7 +168,7 @@ def _tensor_files(path: Path, files: list[Path]) -> dict[str, Path]:
             with safe_open(f, "pt") as sf:
                 file_of.update({k: f for k in sf.keys()})
     except Exception as e:
-        raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
+        raise UserError(f"'{path}': corrupt weights file: {first_line(e)}") from e
     return file_of
 
 
@@ -181,7 +181,7 @@ def _read_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
             with safe_open(f, "pt") as sf:
                 state.update({k: sf.get_tensor(k) for k in sf.keys()})
     except Exception as e:
-        raise UserError(f"'{path}': corrupt weights file: {str(e).splitlines()[0]}") from e
+        raise UserError(f"'{path}': corrupt weights file: {first_line(e)}") from e
     return state
 
 
@@ -195,7 +195,7 @@ def _empty_model(path: Path, config, dtype: torch.dtype) -> nn.Module:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:
         raise UserError(f"'{path / 'config.json'}' describes no model transformers can build: "
-                        f"{_first_line(e)}") from e
+                        f"{first_line(e)}") from e
 
 
 def _install_empty_quant_linears(path: Path, model: nn.Module, tensor_names, bits: int, group_size: int,
@@ -214,7 +214,7 @@ def _install_empty_quant_linears(path: Path, model: nn.Module, tensor_names, bit
             set_module(model, name, TorchQuantLinear(lin.in_features, lin.out_features, bits, group_size,
                                                       lin.bias is not None, kind, dtype))
         except (AttributeError, ValueError, RuntimeError, ZeroDivisionError) as e:
-            raise UserError(f"'{path}': weights do not match the model config ({key}: {_first_line(e)})") from e
+            raise UserError(f"'{path}': weights do not match the model config ({key}: {first_line(e)})") from e
 
 
 def _assign_weights(path: Path, model: nn.Module, state: dict) -> None:
@@ -223,7 +223,7 @@ def _assign_weights(path: Path, model: nn.Module, state: dict) -> None:
         result = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
     except (RuntimeError, ValueError, TypeError) as e:
-        raise UserError(f"'{path}': weights do not match the model config ({_first_line(e)})") from e
+        raise UserError(f"'{path}': weights do not match the model config ({first_line(e)})") from e
     still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_empty or result.unexpected_keys:
         what = f"missing {still_empty[:3]}" if still_empty else f"unexpected {result.unexpected_keys[:3]}"
@@ -235,10 +235,6 @@ def _check_g_idx(path: Path, model: nn.Module) -> None:
         if isinstance(m, TorchQuantLinear) and m.g_idx.numel() and not (
                 0 <= int(m.g_idx.min()) and int(m.g_idx.max()) < m.scales.shape[0]):
             raise UserError(f"'{path}': {name}.g_idx names groups outside 0..{m.scales.shape[0] - 1}")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_tensors(path: Path, model: nn.Module, state: dict) -> None:

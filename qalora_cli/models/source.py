@@ -11,7 +11,8 @@ from pathlib import Path
 from ..config.schema import ModelSection
 from ..errors import UserError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# "owner/name" as the Hugging Face hub spells repository ids.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,6 @@ def resolve_source(m: ModelSection) -> ModelSource:
         elif not (path / "config.json").is_file():
             raise UserError(f"'{path}' is not a Hugging Face model folder (no config.json)")
         return ModelSource(str(path), m.gguf_file, True)
-    if m.package or not _HUB_ID.match(name):
+    if m.package or not HUB_ID.match(name):
         raise UserError(f"no model at '{path}': not a folder, a .gguf file or a hub id (owner/name)")
     return ModelSource(name, m.gguf_file, False, m.revision)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import resource
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from ..export.layer_merge import LayerMerger
 from ..export.safetensors_export import merged_quantization_config, write_merged_safetensors, write_side_files
 from ..export.verify import EXACT_RELATIVE_TOLERANCE, compare, make_probe, run_probe, unmerged_model
 from ..lora.adapter_io import check_base, checkpoint_sha256, read_adapter_config
+from ..memory import peak_rss_mib
 from ..models.quantized_io import MERGED_QUANT_METHOD, quant_method_of, read_model_config
 from ..output_dir import atomic_output_dir, check_writable
 from ..progress import block_progress
@@ -44,11 +43,6 @@ def merge_paths(cfg: RunConfig) -> tuple[Path, Path, Path]:
     return base, adapter, Path(m.dir or f"{stem}-merged{suffix}")
 
 
-def _peak_rss_mib() -> float:
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / (1 << 20) if sys.platform == "darwin" else kib / 1024
-
-
 def _base_quantization(base: Path) -> dict:
     config = read_model_config(base)
     method = quant_method_of(config)
@@ -64,11 +58,6 @@ def _base_quantization(base: Path) -> dict:
 
 
 def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> dict:
-    from ..export.float_merge import route_float_merge
-
-    floated = route_float_merge(cfg, overwrite, show_progress)  # qlora/lora adapters, --format float
-    if floated is not None:
-        return floated
     t_start = time.perf_counter()
     m = cfg.merge
     base, adapter_dir, out = merge_paths(cfg)
@@ -84,13 +73,13 @@ def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> 
         t_checked = time.perf_counter()
         rows = _write_merged(cfg, base, merger, adapter_cfg, qc, base_sha, tmp, report, show_progress)
         report["seconds"] = {"check": round(t_checked - t_start, 2), "write": round(time.perf_counter() - t_checked, 2)}
-        report["peak_rss_mib_merge"] = round(_peak_rss_mib(), 1)
+        report["peak_rss_mib_merge"] = round(peak_rss_mib(), 1)
         report["layer_report"] = rows
         report["zero_rounding"] = _rounding_summary(rows) if m.format == "gptq" else None
         if m.verify:
             _verify_output(cfg, base, adapter_dir, merger, tmp, device, report)
         report["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
-        report["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+        report["peak_rss_mib"] = round(peak_rss_mib(), 1)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -8,7 +8,7 @@ import time
 from typing import Iterator
 
 from ..data.instruct import adds_bos, bos_prefix
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .decode import Sampling, TextStream, generate_tokens
 
 
@@ -47,7 +47,7 @@ class Conversation:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:
-            raise UserError(f"the model's chat template failed: {(str(e).strip().splitlines() or [repr(e)])[0]}") from e
+            raise UserError(f"the model's chat template failed: {first_line(e)}") from e
 
     def reply(self, user: str) -> Iterator[str]:
         """Stream the answer to `user` as text pieces. The turn is recorded even when the caller
