@@ -2,8 +2,8 @@
 
 A merged QA-LoRA layer with bits 4, group size 32 and contiguous groups is exactly a GGUF Q4_1
 tensor: each block of 32 input weights of one output row stores w = d*q + m with d = s and
-m = -s*z' (DESIGN.md, "Formats"). d is already an fp16 value and the codes are copied, so the
-only rounding is m to fp16. Norms are F32 and the other float matrices F16 (or F32).
+m = -s*z' (docs/DESIGN.md, "Formats"). d is already an fp16 value and the codes are copied, so
+the only rounding is m to fp16. Norms are F32 and the other float matrices F16 (or F32).
 
 The file is written as a stream: every tensor's header goes first (name, shape, type, which
 need no data), then each tensor is loaded, encoded and written in turn, so one layer is in

@@ -1,7 +1,7 @@
 """Triton kernels: matmuls with a group-wise quantized weight, dequantized tile by tile in
 registers, so W~ is never written to GPU memory.
 
-    W~[k, n] = s[g(k), n] * (q[k, n] - z[g(k), n])        (the convention of DESIGN.md)
+    W~[k, n] = s[g(k), n] * (q[k, n] - z[g(k), n])        (docs/DESIGN.md, "The math")
 
 - `quant_matmul`:    y  = x  @ W~      x [M, K]  -> y  [M, N]   (the forward pass)
 - `quant_matmul_t`:  dx = dy @ W~^T    dy [M, N] -> dx [M, K]   (the input gradient)

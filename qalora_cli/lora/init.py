@@ -8,8 +8,9 @@ Gram matrix (GPTQ's, 2/N sum x x^T), the calibrated objective is
     f(M) = |(R - M E^T) X|^2 = tr(R H R^T) - 2 <M, C> + <M G, M>,  C = R H E [out, L], G = E^T H E [L, L]
 
 so only C, G and the scalar tr(R H R^T) are needed (lora/init_stats.py computes and stores them).
-The rank-r minimiser is closed form (../shared/research/quailora.md (b)): with G + lambda I = Lc Lc^T
-and N = M Lc, f = |N - C Lc^-T|^2 + const, so N* = [C Lc^-T]_r (Eckart-Young) and M* = N* Lc^-1.
+The rank-r minimiser is closed form (docs/DESIGN.md, "Calibrated initialisation"): with
+G + lambda I = Lc Lc^T and N = M Lc, f = |N - C Lc^-T|^2 + const, so N* = [C Lc^-T]_r
+(Eckart-Young) and M* = N* Lc^-1.
 QuAILoRA's alternating solve converges to the same point; the closed form needs no iterations.
 Everything runs in float64 on the CPU: per layer one L x L Cholesky and one out x L SVD.
 """

@@ -1,4 +1,4 @@
-"""The QA-LoRA merge as pure functions on tensors (DESIGN.md, "The math").
+"""The QA-LoRA merge as pure functions on tensors (docs/DESIGN.md, "The exact merge").
 
 The adapter adds the same value to every weight of group j in row o,
 

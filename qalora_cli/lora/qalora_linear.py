@@ -4,7 +4,7 @@
 
 where pool averages the input over each quantization group (by `g_idx`). Every weight of a
 group (j, row o) therefore receives the same update, (alpha/r) (B A)[o, j] / g, which folds
-exactly into that group's zero point: see lora/merge and ../shared/DESIGN.md.
+exactly into that group's zero point: see lora/merge and docs/DESIGN.md.
 """
 
 from __future__ import annotations

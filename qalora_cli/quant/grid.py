@@ -1,6 +1,6 @@
 """The quantization grid: group-wise asymmetric (or symmetric) min/max parameters.
 
-One convention everywhere (DESIGN.md):  W~ = s * (q - z),  q = clamp(round(W/s) + z, 0, 2^b-1).
+One convention everywhere (docs/DESIGN.md, "The math"):  W~ = s * (q - z),  q = clamp(round(W/s) + z, 0, 2^b-1).
 As in GPTQ, the range always contains 0 (min <= 0 <= max); z is an integer in [1, 2^b-1].
 """
 

@@ -1,4 +1,5 @@
-"""What quantizing one linear layer produces: codes and the grid, in DESIGN.md's layout."""
+"""What quantizing one linear layer produces: codes and the grid, laid out as docs/DESIGN.md
+("The math") says."""
 
 from __future__ import annotations
 
