@@ -18,24 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qalora_cli.config.loader import load_config
+from qalora_cli.data.instruct import load_records, tokenize_records
+from qalora_cli.eval.exact_match import exact_match
+from qalora_cli.eval.task import score_task, task_pairs
+from qalora_cli.export.verify import unmerged_model
+from qalora_cli.kernels.torch_quant_linear import cache_inference_weights
+from qalora_cli.library_logs import quiet_library_logs
+from qalora_cli.models.quantized_io import load_quantized
+from qalora_cli.recipes.merge import merge_paths
 
-from qalora_cli.config.loader import load_config  # noqa: E402
-from qalora_cli.data.instruct import load_records, tokenize_records  # noqa: E402
-from qalora_cli.eval.exact_match import exact_match  # noqa: E402
-from qalora_cli.eval.task import score_task, task_pairs  # noqa: E402
-from qalora_cli.export.verify import unmerged_model  # noqa: E402
-from qalora_cli.kernels.torch_quant_linear import cache_inference_weights  # noqa: E402
-from qalora_cli.library_logs import quiet_library_logs  # noqa: E402
-from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
-from qalora_cli.recipes.merge import merge_paths  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QALORA = str(ROOT / ".venv/bin/qalora")
 

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_gpu_parts as P  # noqa: E402  (P.DTYPE: read when used, --dtype may have set it)
-from bench_gpu_parts import (Skip, dense_config, device, one_line, peer_kernels, quant_bytes,  # noqa: E402
+import bench_gpu_parts as P  # P.DTYPE is read when used: --dtype may have set it
+from bench_gpu_parts import (Skip, dense_config, device, one_line, peer_kernels, quant_bytes,
                              random_dense, sync, use_kernel)
 
 

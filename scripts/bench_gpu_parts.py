@@ -19,11 +19,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import LLAMA2_7B, make_random_checkpoint
 
-from bench_merge import LLAMA2_7B, make_random_checkpoint  # noqa: E402
 
 DTYPE = torch.bfloat16   # activations, scales and dense weights; --dtype fp16 for kernels and decode
 # --smoke: tiny stand-ins (CPU, Triton interpreter) that take every code path; k/v are as wide

@@ -6,17 +6,14 @@ from __future__ import annotations
 import gc
 import importlib.util
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_gpu_parts as P  # noqa: E402  (DTYPE: read when used, --dtype may have set it)
-from bench_gpu_parts import Skip, dense_config, device, random_dense, sync, use_kernel  # noqa: E402
-from bench_train_cpu import TARGETS, flops_per_token, make_batch  # noqa: E402,F401
+import bench_gpu_parts as P  # P.DTYPE is read when used: --dtype may have set it
+from bench_gpu_parts import Skip, dense_config, device, random_dense, sync, use_kernel
+from bench_train_cpu import TARGETS, flops_per_token, make_batch  # noqa: F401
 
 
 def build_trainable(args, prep: dict, variant: str, dev: torch.device):

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qalora_cli.lora.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, checkpoint_sha256
+from qalora_cli.models.safetensors_stream import StreamWriter
+from qalora_cli.quant.gptq_format import encode_qzeros
 
-from qalora_cli.lora.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, checkpoint_sha256  # noqa: E402
-from qalora_cli.models.safetensors_stream import StreamWriter  # noqa: E402
-from qalora_cli.quant.gptq_format import encode_qzeros  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,

@@ -32,15 +32,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qalora_cli.eval.lm_eval_task import lm_eval_mmlu_task
+from qalora_cli.eval.mmlu import argmax_first, evaluate_mmlu
+from qalora_cli.eval.mmlu_data import MMLUSet, category_of, load_mmlu
+from qalora_cli.eval.model_loading import load_eval_model
+from qalora_cli.library_logs import quiet_library_logs
+from qalora_cli.models.source import package_dir
 
-from qalora_cli.eval.lm_eval_task import lm_eval_mmlu_task  # noqa: E402
-from qalora_cli.eval.mmlu import argmax_first, evaluate_mmlu  # noqa: E402
-from qalora_cli.eval.mmlu_data import MMLUSet, category_of, load_mmlu  # noqa: E402
-from qalora_cli.eval.model_loading import load_eval_model  # noqa: E402
-from qalora_cli.library_logs import quiet_library_logs  # noqa: E402
-from qalora_cli.models.source import package_dir  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_lm_eval(model, tokenizer, data: MMLUSet, subjects: list[str], batch_size: int, folder: Path):

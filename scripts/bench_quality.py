@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compare_perplexity import heldout_ppl  # noqa: E402
+from compare_perplexity import heldout_ppl
 
-from qalora_cli.config.loader import load_config  # noqa: E402
-from qalora_cli.models.loading import load_model  # noqa: E402
-from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
-from qalora_cli.recipes.quantize import REPORT_NAME, run  # noqa: E402
+from qalora_cli.config.loader import load_config
+from qalora_cli.models.loading import load_model
+from qalora_cli.models.quantized_io import load_quantized
+from qalora_cli.recipes.quantize import REPORT_NAME, run
 
 
 def main() -> None:

@@ -84,7 +84,6 @@ def run(cmd: list[str], log: Path | None = None) -> None:
 
 def eval_texts(model: str, jobs: list[tuple[str, str]], max_tokens: int, seq_len: int) -> None:
     """In this process: `qalora eval ppl`'s steps for each (text, json path), the model loaded once."""
-    sys.path.insert(0, str(ROOT))
     from qalora_cli.library_logs import quiet_library_logs
 
     quiet_library_logs()
@@ -102,7 +101,6 @@ def eval_texts(model: str, jobs: list[tuple[str, str]], max_tokens: int, seq_len
 
 
 def float_model_path(config: str) -> str:
-    sys.path.insert(0, str(ROOT))
     from qalora_cli.config.loader import load_config
     from qalora_cli.models.source import package_dir
 

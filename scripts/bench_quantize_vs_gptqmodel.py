@@ -50,8 +50,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_quantize_inputs import (  # noqa: E402
+from bench_quantize_inputs import (
     ids_digest, load_calibration, make_spec, prepare_calibration, prepare_model_folder)
 
 TOOLS = ("qalora", "gptqmodel")

@@ -16,7 +16,6 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_quantize_inputs import ids_digest, load_calibration, qalora_config  # noqa: E402
 
 

@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CACHE = 1024
 VARIANTS = {  # name: (attention, sinks, window)

@@ -11,23 +11,19 @@ A folder holding model.gguf is loaded with transformers' GGUF loader.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qalora_cli.config.loader import load_config  # noqa: E402
-from qalora_cli.data.instruct import load_records  # noqa: E402
-from qalora_cli.eval.exact_match import exact_match, generate_responses  # noqa: E402
-from qalora_cli.eval.task import task_pairs  # noqa: E402
-from qalora_cli.export.verify import unmerged_model  # noqa: E402
-from qalora_cli.kernels.torch_quant_linear import cache_inference_weights  # noqa: E402
-from qalora_cli.library_logs import quiet_library_logs  # noqa: E402
-from qalora_cli.models.quantized_io import load_quantized  # noqa: E402
-from qalora_cli.recipes.merge import merge_paths  # noqa: E402
+from qalora_cli.config.loader import load_config
+from qalora_cli.data.instruct import load_records
+from qalora_cli.eval.exact_match import exact_match, generate_responses
+from qalora_cli.eval.task import task_pairs
+from qalora_cli.export.verify import unmerged_model
+from qalora_cli.kernels.torch_quant_linear import cache_inference_weights
+from qalora_cli.library_logs import quiet_library_logs
+from qalora_cli.models.quantized_io import load_quantized
+from qalora_cli.recipes.merge import merge_paths
 
 
 def load(folder: Path):

@@ -24,10 +24,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from qalora_cli.models.source import package_dir
 
-from qalora_cli.models.source import package_dir  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QALORA = str(Path(sys.executable).parent / "qalora")
 
