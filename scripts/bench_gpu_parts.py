@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench_merge import LLAMA2_7B, make_random_checkpoint
+from benchlib import error_line
 
 
 DTYPE = torch.bfloat16   # activations, scales and dense weights; --dtype fp16 for kernels and decode
@@ -38,7 +39,7 @@ class Skip(Exception):
 
 
 def one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    return error_line(e, 300)
 
 
 def device(args) -> torch.device:

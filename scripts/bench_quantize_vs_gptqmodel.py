@@ -52,6 +52,7 @@ from pathlib import Path
 
 from bench_quantize_inputs import (
     ids_digest, load_calibration, make_spec, prepare_calibration, prepare_model_folder)
+from benchlib import error_line
 
 TOOLS = ("qalora", "gptqmodel")
 WORKER_SCRIPT = Path(__file__).resolve().with_name("bench_quantize_workers.py")
@@ -186,7 +187,7 @@ def run_worker(tool: str, spec: dict, spec_path: Path, work: Path) -> dict:
 
 def describe(e: Exception) -> str:
     """An exception's type and the first line of its message."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return error_line(e)
 
 
 def heldout_ids(hf_dir: Path):

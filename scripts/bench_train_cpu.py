@@ -32,6 +32,8 @@ import time
 import traceback
 from pathlib import Path
 
+from benchlib import error_line
+
 VARIANTS = ("qalora", "lora-bf16", "qlora-nf4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -312,7 +314,7 @@ def main() -> int:
             res = child_prepare(args) if args.variant == "prepare" else child_variant(args)
         except Exception as e:
             traceback.print_exc()
-            res = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
+            res = {"error": error_line(e)}
         res["torch"] = sys.modules["torch"].__version__ if "torch" in sys.modules else "?"
         Path(args.result).write_text(json.dumps(res))
         return 0
