@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
+from ..plan.cli_options import dry_run_option, output_json_option
 
 
 def finetune(
@@ -24,11 +25,19 @@ def finetune(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="continue from the adapter folder's last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing adapter folder"),
+    dry_run: bool = dry_run_option,
+    output_json: bool = output_json_option,
 ) -> None:
     """Train QA-LoRA adapters on a quantized checkpoint (or a baseline's); save them with their config."""
     flags = {"finetune.method": method, "train.quantized_model": model, "data.source": data,
              "train.adapter_dir": output, "train.max_steps": max_steps, "train.device": device}
     cfg = build_config(config, list(overrides or []), flags)
+    if dry_run:  # the memory plan (qalora_cli/plan): configs read, no weights, nothing written
+        from ..plan.dry_run import show_plan
+
+        quiet_library_logs()
+        show_plan("finetune", cfg, output_json)
+        return
 
     quiet_library_logs()
     from ..recipes.finetune import run

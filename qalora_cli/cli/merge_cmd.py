@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
+from ..plan.cli_options import dry_run_option, output_json_option
 
 
 def merge(
@@ -23,11 +24,19 @@ def merge(
                                               "for a qlora/lora adapter: a plain HF folder for `qalora quantize`"),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip the comparison with the unmerged model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+    dry_run: bool = dry_run_option,
+    output_json: bool = output_json_option,
 ) -> None:
     """Merge a QA-LoRA adapter into its quantized base; reload and compare with the unmerged model."""
     flags = {"merge.quantized_model": model, "merge.adapter_dir": adapter, "merge.dir": output,
              "merge.format": format, "merge.verify": False if no_verify else None}
     cfg = build_config(config, list(overrides or []), flags)
+    if dry_run:  # the memory plan (qalora_cli/plan): configs read, no weights, nothing written
+        from ..plan.dry_run import show_plan
+
+        quiet_library_logs()
+        show_plan("merge", cfg, output_json)
+        return
 
     quiet_library_logs()
     from ..recipes.merge import run

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
+from ..plan.cli_options import dry_run_option, output_json_option
 
 
 def quantize(
@@ -19,6 +20,8 @@ def quantize(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output"),
+    dry_run: bool = dry_run_option,
+    output_json: bool = output_json_option,
     resume: bool = typer.Option(False, "--resume", help="continue after the last block an interrupted run "
                                                         "saved in <output>.partial/"),
 ) -> None:
@@ -29,6 +32,12 @@ def quantize(
     # --model names the model outright: drop the config's package and GGUF file name.
     model_reset = ["model.package=null", "model.gguf_file=null"] if model is not None else []
     cfg = build_config(config, model_reset + list(overrides or []), flags)
+    if dry_run:  # the memory plan (qalora_cli/plan): configs read, no weights, nothing written
+        from ..plan.dry_run import show_plan
+
+        quiet_library_logs()
+        show_plan("quantize", cfg, output_json)
+        return
 
     quiet_library_logs()
     from ..recipes.quantize import run

@@ -1,0 +1,150 @@
+"""`--dry-run` memory plans (qalora_cli/plan): they read configs only (a folder whose weights are
+gone or damaged still plans), write nothing, count the quantized weights of a 70B Llama as the
+arithmetic of its config does, and refuse a missing or damaged config in one line (exit 2).
+The plans against measured peaks on SmolLM2: tests/test_memory_plan_slow.py."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import tiny_config_dict
+from qalora_cli.cli.app import app
+
+runner = CliRunner()
+
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float16"}
+
+
+def write_config(tmp_path, model_dir, **sections) -> str:
+    d = tiny_config_dict(model_dir, tmp_path / "out" / "q")
+    for key, value in sections.items():
+        d.setdefault(key, {}).update(value)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def tree(root):
+    """Every path under `root` with its size and modification time: what a run may not change."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def plan_json(*args) -> dict:
+    r = runner.invoke(app, [*args, "--dry-run", "--output-json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def component(plan: dict, phase: str, prefix: str) -> int:
+    ph = next(p for p in plan["phases"] if p["name"] == phase)
+    return next(c["bytes"] for c in ph["components"] if c["name"].startswith(prefix))
+
+
+def fake_checkpoint(folder, config: dict, bits=4, group_size=32):
+    """A quantized checkpoint folder with its config.json only: no weight file at all."""
+    folder.mkdir(parents=True)
+    q = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": False}
+    (folder / "config.json").write_text(json.dumps(dict(config, quantization_config=q)))
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_every_stage_plans_without_reading_weights_and_writes_nothing(tiny_model_dir, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        weights.write_bytes(b"\x00garbage, not a safetensors file" * 3)
+    cfg = write_config(tmp_path, model)
+    base = fake_checkpoint(tmp_path / "base", json.loads((model / "config.json").read_text()))
+    before = tree(tmp_path)
+    runs = [["quantize", "--config", cfg], ["finetune", "--config", cfg, "--model", str(base)],
+            ["merge", "--config", cfg, "--model", str(base)],
+            ["finetune", "--config", cfg]]  # no checkpoint yet: planned from the model it will be made of
+    for args in runs:
+        r = runner.invoke(app, [*args, "--dry-run"])
+        assert r.exit_code == 0, (args, r.output)
+        assert f"{args[0]} needs" in r.output and "of CPU RAM" in r.output
+    assert tree(tmp_path) == before  # nothing written, nothing touched
+    assert not (tmp_path / "out").exists()
+
+
+def test_70b_llama_quantized_weights_match_the_arithmetic_of_its_config(tmp_path):
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    cfg = write_config(tmp_path, model, quantize={"bits": 4, "group_size": 128})
+    h, inter, kv, layers, vocab, g = 8192, 28672, 8 * 128, 80, 32000, 128
+    # the linear layers of one block, by hand: q, o [h x h]; k, v [h x kv]; gate, up, down [h x inter]
+    weights = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    assert 68e9 < weights < 69e9
+    g_idx = layers * 4 * (6 * h + inter)  # int32 per input column: six layers read h, down reads inter
+    packed_fp16 = weights * 4 // 8 + weights // g * (2 + 4 / 8) + g_idx  # codes, fp16 scales, 4-bit zeros
+    plan = plan_json("quantize", "--config", cfg)
+    got = component(plan, "packing and saving", "packed layers")
+    assert abs(got - packed_fp16) / packed_fp16 < 0.01, (got, packed_fp16)
+    params = weights + 2 * vocab * h + layers * 2 * h + h  # + embeddings, head, norms
+    assert component(plan, "end of the block loop", "float model") == params * 4  # float32 (the config's dtype)
+    assert component(plan, "end of the block loop", "GPTQ codes") == weights * 4
+
+    # finetune on the CPU holds the packed layers with float32 scales, the rest in float32
+    ft = plan_json("finetune", "--config", cfg)
+    packed_fp32 = weights * 4 // 8 + weights // g * (4 + 4 / 8) + g_idx
+    model_bytes = packed_fp32 + (params - weights) * 4
+    got = component(ft, "training step", "quantized model")
+    assert abs(got - model_bytes) / model_bytes < 0.01, (got, model_bytes)
+    assert ft["peak_bytes"]["cpu"] > model_bytes
+    merge = plan_json("merge", "--config", cfg)
+    assert merge["peak_bytes"]["cpu"] > packed_fp32  # verification holds the whole model
+
+
+def test_the_plan_follows_the_settings(tiny_model_dir, tmp_path):
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+
+    def training(**train):
+        cfg = write_config(tmp_path, model, train=train, data={"max_length": 1024})
+        return plan_json("finetune", "--config", cfg)
+
+    one, two = training(micro_batch_size=1, batch_size=2), training(micro_batch_size=2, batch_size=2)
+    acts = [component(p, "training step", "activations kept") for p in (one, two)]
+    assert acts[1] == 2 * acts[0]
+    ckpt = training(micro_batch_size=2, batch_size=2, gradient_checkpointing=True)
+    kept = component(ckpt, "training step", "block inputs kept")
+    assert kept == 2 * 1024 * 80 * 8192 * 4  # the residual stream at every block boundary, float32
+    step = [next(ph for ph in p["phases"] if ph["name"] == "training step")["total_bytes"]["cpu"] for p in (ckpt, two)]
+    assert step[0] < step[1]
+    gpu = plan_json("quantize", "--config", write_config(tmp_path, model, quantize={"device": "cuda"}))
+    assert set(gpu["peak_bytes"]) == {"cpu", "cuda"}  # planned for a GPU without one
+
+
+@pytest.mark.parametrize("case", ["no config.json", "damaged config.json"])
+def test_bad_model_folder_is_one_line_exit_2(tmp_path, case):
+    model = tmp_path / "model"
+    model.mkdir()
+    if case == "damaged config.json":
+        (model / "config.json").write_text("{not json")
+    cfg = write_config(tmp_path, model)
+    for args in (["quantize", "--config", cfg], ["finetune", "--config", cfg, "--model", str(model)],
+                 ["merge", "--config", cfg, "--model", str(model)]):
+        r = runner.invoke(app, [*args, "--dry-run"])
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error:"), r.output
+        assert "config" in r.output
+
+
+@pytest.mark.parametrize("override", ["finetune.method=lora", "merge.format=float"])
+def test_methods_the_plans_do_not_follow_are_refused_in_one_line(tiny_model_dir, tmp_path, override):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    stage = override.split(".")[0]
+    r = runner.invoke(app, [stage, "--config", cfg, override, "--dry-run"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "not planned" in r.output, r.output

@@ -1,0 +1,114 @@
+"""The `--dry-run` memory plans against the measured peak RSS of the real stages on SmolLM2-135M
+(CPU): quantize (calibration cut to 16 samples), a 2-step fine-tune on full-length, fully
+labelled sequences (the case the plan describes), and a verified merge; each plan within 25%
+of the peak. The measured runtime constants of qalora_cli/plan/runtime.py are re-measured on the
+tiny model too. Each stage runs in its own process, its peak read from wait4's rusage (ru_maxrss:
+the process's whole resident set at its peak, the Python + torch runtime included).
+
+    QALORA_MEMPLAN_FIGURES=FILE OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_memory_plan_slow.py -m slow -s
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config_dict
+from qalora_cli.plan.runtime import RUNTIME_CPU_BYTES
+
+pytestmark = pytest.mark.slow
+
+QALORA = str(Path(sys.executable).parent / "qalora")
+TOLERANCE = 0.25
+SMOL = ["--config", "smollm2-135m-int4"]
+
+
+def peak_rss(args: list[str], log: Path) -> int:
+    """Run `qalora ARGS` to the end; -> its peak resident set in bytes."""
+    with open(log, "w") as out:
+        p = subprocess.Popen([QALORA, *args], stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.returncode == 0, log.read_text()[-3000:]
+    return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def planned(args: list[str]) -> dict:
+    r = subprocess.run([QALORA, *args, "--dry-run", "--output-json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def record(name: str, estimate: int, measured: int) -> None:
+    row = {"stage": name, "estimate_mib": round(estimate / 2**20), "measured_mib": round(measured / 2**20),
+           "ratio": round(estimate / measured, 3)}
+    print(json.dumps(row))
+    if os.environ.get("QALORA_MEMPLAN_FIGURES"):
+        with open(os.environ["QALORA_MEMPLAN_FIGURES"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def check(name: str, plan: dict, measured: int) -> None:
+    estimate = plan["peak_bytes"]["cpu"]
+    record(name, estimate, measured)
+    assert abs(estimate - measured) <= TOLERANCE * measured, (name, estimate / 2**20, measured / 2**20)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("memplan")
+
+
+def long_texts(path: Path) -> Path:
+    """Records whose completion alone fills data.max_length: every position labelled, every
+    sequence full, the worst case the finetune plan counts."""
+    from qalora_cli.data.builtin_text import calibration_text
+
+    text = calibration_text()
+    with open(path, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": "Text:", "completion": text[i * 2000:(i + 1) * 2000]}) + "\n")
+    return path
+
+
+def test_runtime_constants_are_the_tiny_models_peaks(tiny_model_dir, work):
+    d = tiny_config_dict(tiny_model_dir, work / "tiny-q")
+    d.update(lora={"rank": 8, "alpha": 16}, merge={"device": "cpu"},
+             data={"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
+                   "eval_max_examples": 16},
+             train={"device": "cpu", "micro_batch_size": 4, "batch_size": 8, "max_steps": 2,
+                    "exact_match_examples": 0})
+    cfg = work / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    for stage in ("quantize", "finetune", "merge"):
+        measured = peak_rss([stage, "--config", str(cfg)], work / f"tiny-{stage}.log")
+        record(f"runtime {stage} (tiny model)", RUNTIME_CPU_BYTES[stage], measured)
+        assert abs(RUNTIME_CPU_BYTES[stage] - measured) <= TOLERANCE * measured
+
+
+def test_smollm2_stages_peak_within_25_percent_of_their_plans(work):
+    q, adapter, merged = work / "q", work / "q-qalora", work / "q-merged"
+    quantize = [*SMOL, "-o", str(q), "calibration.num_samples=16"]
+    plan = planned(["quantize", *quantize])
+    assert not q.exists()  # the dry run wrote nothing
+    check("quantize", plan, peak_rss(["quantize", *quantize], work / "quantize.log"))
+
+    data = long_texts(work / "long.jsonl")
+    finetune = [*SMOL, "--model", str(q), "-o", str(adapter), "--data", str(data), "--max-steps", "2",
+                "data.format=prompt_completion", "data.template=raw", "data.max_length=256",
+                "data.eval_max_examples=8", "train.micro_batch_size=8", "train.batch_size=8",
+                "train.exact_match_examples=0", "train.device=cpu"]
+    plan = planned(["finetune", *finetune])
+    assert not adapter.exists()
+    check("finetune", plan, peak_rss(["finetune", *finetune], work / "finetune.log"))
+
+    merge = [*SMOL, "--model", str(q), "--adapter", str(adapter), "-o", str(merged), "merge.device=cpu"]
+    plan = planned(["merge", *merge])
+    assert not merged.exists()
+    check("merge", plan, peak_rss(["merge", *merge], work / "merge.log"))
+    shutil.rmtree(work, ignore_errors=True)
