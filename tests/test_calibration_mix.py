@@ -20,7 +20,7 @@ from qalora_cli.config.schema import CalibrationSection
 from qalora_cli.data.builtin_text import calibration_text, heldout_text
 from qalora_cli.data.calibration import calibration_batches, describe, generated_windows, n_generated
 
-from conftest import make_tiny_llama, make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,10 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config_dict
+from helpers import SMALL_REFIT, tiny_config_dict
 from fuzz_readers import call_cli
 from qalora_cli.output_dir import folder_bytes
-from test_merge import SMALL_REFIT, bases  # noqa: F401  (module fixture: tiny GPTQ bases and adapters)
 
 STAGES = ["quantize", "finetune", "merge-qalora", "merge-gptq", "merge-gguf", "merge-mlx"]
 

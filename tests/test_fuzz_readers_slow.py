@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from test_fuzz_readers import READERS, fuzz_reader, fuzz_yaml, reader_param, world  # noqa: F401  (fixture)
-from test_merge import bases  # noqa: F401  (module fixture)
+from test_fuzz_readers import READERS, fuzz_reader, fuzz_yaml, reader_param
 
 SLOW_CASES = int(os.environ.get("QALORA_FUZZ_CASES", "500"))
 

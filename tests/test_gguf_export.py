@@ -18,7 +18,7 @@ from qalora_cli.export.gguf_export import (
 )
 from qalora_cli.quant.result import QuantizedWeight
 
-from conftest import make_tiny_llama, make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"

@@ -13,7 +13,7 @@ from qalora_cli.models.quantized_io import load_quantized
 from qalora_cli.quant.gptq import gptq_quantize
 from qalora_cli.quant.result import QuantizedWeight
 from qalora_cli.quant.scale_refit import refit_scales
-from test_merge import SMALL_REFIT, bases, merge_cli  # noqa: F401  (bases is a fixture)
+from helpers import SMALL_REFIT, merge_cli
 
 
 def grid_weight(out_f, in_f, bits, group, act_order, seed):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 
 from qalora_cli.config.schema import DataSection
 from qalora_cli.data import record_task as rt

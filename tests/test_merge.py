@@ -5,22 +5,18 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import tiny_config_dict
-from qalora_cli.cli.app import app
+# bases (conftest's session fixture), make_adapter and merge_cli are re-exported for the test files
+# that still import them from here (test_eval_ppl, test_stream, test_eval_task).
+from conftest import bases  # noqa: F401
+from helpers import SMALL_REFIT, make_adapter, merge_cli, tiny_config_dict
 from qalora_cli.config.loader import validate
-from qalora_cli.config.schema import LoraSection
 from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
-from qalora_cli.lora.adapter_io import checkpoint_sha256, make_adapter_config, save_adapter
-from qalora_cli.lora.inject import inject_qalora
 from qalora_cli.lora.merge import merge_weight, round_zeros
 from qalora_cli.lora.qalora_linear import QALoraLinear
 from qalora_cli.models.quantized_io import load_quantized
 from qalora_cli.quant.result import QuantizedWeight
 from qalora_cli.recipes.quantize import run as quantize
-
-runner = CliRunner()
 
 
 def random_qweight(out_f, in_f, bits, group, act_order, seed):
@@ -78,56 +74,6 @@ def test_rounding_report_against_an_explicit_count():
     shifts = [2.2, 0.6, 0.3, 0.5, 0.4, 0.49, 0.51, 1.2]
     assert loss.max_shift == pytest.approx(2.2) and loss.mean_shift == pytest.approx(sum(shifts) / 8)
     assert loss.clamped_share == pytest.approx(4 / 8)  # -1.2, 0.4, 15.51 and 16.2 round outside [1, 15]
-
-
-def make_adapter(base_dir, out_dir, rank=8, seed=0, b_std=0.5, targets="all-linear"):
-    """A nonzero adapter (random A and B) saved as `qalora finetune` saves one."""
-    model, qc = load_quantized(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    lora = LoraSection(rank=rank, alpha=16, dropout=0.0, targets=targets)
-    adapters = inject_qalora(model, lora)
-    with torch.no_grad():
-        for m in adapters.values():
-            m.lora_B.normal_(0, b_std)
-    cfg = make_adapter_config(lora, adapters, qc, base_dir, checkpoint_sha256(base_dir), "tiny")
-    save_adapter(out_dir, adapters, cfg)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def bases(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    out = {}
-    for name, kw in {"act": dict(act_order=True), "g64": dict(group_size=64), "g32": {}}.items():
-        quantize(validate(tiny_config_dict(tiny_model_dir, root / name, **kw), "t"), show_progress=False)
-        out[name] = root / name
-    out["adapter"] = make_adapter(out["act"], root / "adapter")
-    out["adapter_g32"] = make_adapter(out["g32"], root / "adapter_g32", seed=1, b_std=0.2)
-    return out
-
-
-# The tiny tokenizer has no chat template; a few short windows keep the refit quick.
-SMALL_REFIT = ("data.template=raw", "merge.calibration_samples=16", "merge.calibration_seq_len=64",
-                 "merge.heldout_samples=4")
-
-
-def corrupt_one_layer(monkeypatch):
-    """Make the merge write one layer's zero points half a step off, as a bug would."""
-    from qalora_cli.export.layer_merge import LayerMerger
-
-    exact = LayerMerger.zeros_before_after
-
-    def off_by_half_a_step(self, target):
-        z, z_merged = exact(self, target)
-        return z, z_merged + (0.5 if target.endswith("layers.0.mlp.up_proj") else 0.0)
-
-    monkeypatch.setattr(LayerMerger, "zeros_before_after", off_by_half_a_step)
-
-
-def merge_cli(base, adapter, output, *extra):
-    return runner.invoke(app, ["merge", "--config", "smollm2-135m-int4", "--model", str(base), "--adapter",
-                               str(adapter), "--output", str(output), "merge.ppl_tokens=600",
-                               "merge.verify_tokens=32", "merge.device=cpu", *extra])
 
 
 def test_qalora_format_is_exact_and_names_itself(bases, tmp_path):

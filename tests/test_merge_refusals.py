@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qalora_cli.lora.adapter_io import checkpoint_sha256
-from test_merge import bases, corrupt_one_layer, merge_cli  # noqa: F401  (the module fixture and the CLI call)
+from helpers import corrupt_one_layer, merge_cli
 
 
 def tampered(adapter, tmp_path, config_change=None, tensor_change=None):

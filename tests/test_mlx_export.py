@@ -14,7 +14,8 @@ import torch
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from conftest import make_tiny_llama, make_tokenizer, tiny_config_dict  # noqa: E402
+from helpers import (corrupt_one_layer, make_adapter, make_tiny_llama, make_tokenizer, merge_cli,  # noqa: E402
+                     tiny_config_dict)
 from qalora_cli.config.loader import validate  # noqa: E402
 from qalora_cli.errors import UserError  # noqa: E402
 from qalora_cli.export import mlx_merge  # noqa: E402
@@ -26,7 +27,6 @@ from qalora_cli.quant.gptq_format import decode_qzeros  # noqa: E402
 from qalora_cli.quant.pack import unpack_rows  # noqa: E402
 from qalora_cli.quant.result import QuantizedWeight  # noqa: E402
 from qalora_cli.recipes.quantize import run as quantize  # noqa: E402
-from test_merge import corrupt_one_layer, make_adapter, merge_cli  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 

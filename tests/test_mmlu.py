@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tiny_llama, make_tokenizer
+from helpers import make_tiny_llama, make_tokenizer
 from qalora_cli.cli.app import app
 from qalora_cli.eval import mmlu as M
 from qalora_cli.eval.mmlu_data import (CATEGORIES, SUBJECT_CATEGORY, SUBJECTS, MMLUSet, Question, load_mmlu,
@@ -343,7 +343,7 @@ def test_cli_end_to_end_matches_the_library(tiny_model_dir, tmp_path):
 def qbase_and_adapter(tiny_model_dir, tmp_path_factory):
     """A GPTQ INT4 checkpoint of the tiny Llama and a QA-LoRA adapter on it (random B, so that
     it changes the model)."""
-    from conftest import tiny_config_dict
+    from helpers import tiny_config_dict
     from qalora_cli.config.loader import validate
     from qalora_cli.config.schema import LoraSection
     from qalora_cli.lora.adapter_io import checkpoint_sha256, make_adapter_config, save_adapter

@@ -98,7 +98,7 @@ def test_a_chat_template_that_reaches_for_python_is_stopped_by_the_sandbox(tmp_p
     internals raise, and the CLI says so in one line (exit 2)."""
     from typer.testing import CliRunner
 
-    from conftest import make_tiny_llama, make_tokenizer
+    from helpers import make_tiny_llama, make_tokenizer
     from qalora_cli.cli.app import app
 
     tok = make_tokenizer()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from qalora_cli.config.loader import validate
 from qalora_cli.config.schema import LoraSection
 from qalora_cli.errors import UserError

@@ -5,26 +5,10 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+# reference_nll is re-exported for test_eval_ppl and test_eval_task, which import it from here.
+from helpers import make_tiny_llama, reference_nll
 from qalora_cli.errors import UserError
 from qalora_cli.eval.perplexity import perplexity
-
-
-def reference_nll(model, ids, seq_len, stride):
-    """Token t is scored with the window that first covers it, context from that window."""
-    total, count, scored = 0.0, 0, set()
-    for begin in range(0, len(ids) - 1, stride):
-        end = min(begin + seq_len, len(ids))
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids[begin:end].unsqueeze(0)).logits[0].double(), -1)
-        for t in range(begin + 1, end):
-            if t not in scored:
-                scored.add(t)
-                total -= lp[t - 1 - begin, ids[t]].item()
-                count += 1
-        if end == len(ids):
-            break
-    return total / count, count
 
 
 @pytest.mark.parametrize("seq_len, stride", [(32, 32), (32, 8), (40, 40)])

@@ -11,11 +11,11 @@ from torch import nn
 
 pytest.importorskip("triton")
 
+from kernel_helpers import DEVICE, RTOL, random_weight, reference, rel_err  # noqa: E402
 from qalora_cli.errors import UserError  # noqa: E402
 from qalora_cli.kernels.registry import use_backend  # noqa: E402
 from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear  # noqa: E402
 from qalora_cli.lora.qalora_linear import QALoraLinear  # noqa: E402
-from test_triton_kernels import DEVICE, RTOL, random_weight, reference, rel_err  # noqa: E402
 
 
 def layer(bits=4, group_size=32, layout="contiguous", zero_kind="int", out_f=64, in_f=96, seed=0, bias=True):
