@@ -26,6 +26,13 @@ def select_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     if not layers:
         raise UserError("the model has no quantized linear layers in its decoder blocks; "
                         "fine-tune a checkpoint made by `qalora quantize`")
+    return match_targets(list(layers), targets, "quantized layer")
+
+
+def match_targets(layers: list[str], targets: list[str] | str, kind: str) -> list[str]:
+    """The layers `targets` names ('all-linear', or names matched in full or by their last
+    parts), in order, each once; a target that matches none is refused naming the `kind` of
+    layer looked for and the names there are."""
     if targets == "all-linear":
         return list(layers)
     chosen = []
@@ -33,8 +40,7 @@ def select_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
         hits = [n for n in layers if n == t or n.endswith("." + t)]
         if not hits:
             short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-            raise UserError(f"lora target '{t}' matches no quantized layer; the layers are named "
-                            f"{', '.join(short)}")
+            raise UserError(f"lora target '{t}' matches no {kind}; the layers are named {', '.join(short)}")
         chosen += [h for h in hits if h not in chosen]
     return chosen
 
