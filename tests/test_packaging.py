@@ -2,6 +2,7 @@
 the package, every subpackage is listed in pyproject.toml, and an installed copy finds a config
 or recipe by name from any folder (the card's `--config llama2-7b-int4.yaml` included)."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -21,8 +22,10 @@ def test_every_subpackage_is_in_the_wheel_list():
 
 @pytest.fixture(scope="module")
 def unpacked_wheel(tmp_path_factory):
-    dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    dist, src = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "qalora_cli", "configs", "recipes"):  # setuptools builds in place
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                         "-q", "-w", str(dist)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = dist.glob("qalora-*.whl")
