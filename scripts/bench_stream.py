@@ -108,15 +108,23 @@ def report(results: dict, out: Path) -> None:
 
 
 def plot_sink_ablation(results: dict, path: Path) -> None:
-    """Perplexity after the first eviction against the number of sink tokens (window = the rest of 1,024)."""
+    """Perplexity after the first eviction against the number of sink tokens (window = the rest
+    of 1,024), every variant on the same positions: from the cache's size to the shortest run's end."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((r["sinks"] if n != "window" else 0, _mean_ppl([c for c in r["variants"][r["attention"]]["chunks"]
-                                                                  if c["start"] >= CACHE]))
-                  for n, r in results.items() if n == "window" or n.startswith("sinks"))
+    runs = {n: r for n, r in results.items() if n == "window" or n.startswith("sinks")}
+    end = min(r["text_tokens"] for r in runs.values())
+    rows = []
+    for n, r in runs.items():
+        tok = r["variants"][r["attention"]]["per_token"]
+        nll = [v for p, v in zip(tok["positions"], tok["nll"]) if CACHE <= p < end]
+        rows.append((0 if n == "window" else r["sinks"], math.exp(sum(nll) / len(nll))))
+    rows.sort()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([s for s, _ in rows], [p for _, p in rows], "o-")
     for s, p in rows:
@@ -124,10 +132,10 @@ def plot_sink_ablation(results: dict, path: Path) -> None:
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks([s for s, _ in rows], [str(s) for s, _ in rows])
     ax.set_xlabel(f"sink tokens (window = {CACHE} - sinks)")
-    ax.set_ylabel("perplexity after the first eviction")
+    ax.set_ylabel(f"perplexity, tokens {CACHE:,}-{end:,}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"sink ablation: {rows} -> {path}")
+    print(f"sink ablation on tokens {CACHE}-{end}: {[(s, round(p, 3)) for s, p in rows]} -> {path}")
 
 
 def _mean_ppl(chunks: list[dict]) -> float:
