@@ -61,7 +61,7 @@ def route_float_merge(cfg: RunConfig, overwrite: bool, show_progress: bool) -> d
 def merge_float(cfg: RunConfig, adapter_dir: Path, out: Path, overwrite: bool) -> dict:
     from ..device import resolve_device
     from ..lora.peft_models import check_base_files, read_base_record
-    from ..models.loading import DTYPES
+    from ..dtypes import DTYPES
     from ..output_dir import atomic_output_dir, check_writable
 
     t0 = time.perf_counter()

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ..config.schema import LoraSection, ModelSection
-from ..errors import UserError
-from ..models.loading import DTYPES, check_tokenizer, load_model, quiet_transformers
+from ..errors import UserError, first_line
+from ..dtypes import DTYPES
+from ..models.loading import check_tokenizer, load_model, quiet_transformers
 from ..models.source import ModelSource, resolve_source
 
 BASE_FILE = "qalora_base.json"
@@ -103,7 +104,7 @@ def _load_or_refuse(load, src: ModelSource):
     try:
         return load().eval()
     except Exception as e:  # the loading boundary: bitsandbytes missing a backend, damaged files
-        raise UserError(f"could not load '{src.describe()}' in NF4: {_first_line(e)}") from e
+        raise UserError(f"could not load '{src.describe()}' in NF4: {first_line(e)}") from e
 
 
 def _tokenizer(src: ModelSource, m: ModelSection):
@@ -113,7 +114,7 @@ def _tokenizer(src: ModelSource, m: ModelSection):
         tok = check_tokenizer(AutoTokenizer.from_pretrained(src.location, revision=m.revision,
                                                             trust_remote_code=m.trust_remote_code))
     except Exception as e:
-        raise UserError(f"'{src.describe()}': could not load its tokenizer: {_first_line(e)}") from e
+        raise UserError(f"'{src.describe()}': could not load its tokenizer: {first_line(e)}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -124,11 +125,6 @@ def _need_bitsandbytes() -> None:
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("finetune.method qlora needs bitsandbytes: pip install bitsandbytes")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def keep_nf4_differentiable(model: nn.Module) -> None:
@@ -149,21 +145,12 @@ def linear_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     """The decoder blocks' linear layers the lora section names, by the rule QA-LoRA uses
     (all-linear, or a name's last parts): the same layers for every method. lm_head is never one."""
     from ..models.blocks import decoder_blocks
+    from .inject import match_targets
 
     prefix, blocks = decoder_blocks(model)
     layers = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, mod in b.named_modules()
               if isinstance(mod, nn.Linear)]
-    if targets == "all-linear":
-        return layers
-    chosen = []
-    for t in targets:
-        hits = [n for n in layers if n == t or n.endswith("." + t)]
-        if not hits:
-            short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-            raise UserError(f"lora target '{t}' matches no linear layer of the decoder blocks; the layers are "
-                            f"named {', '.join(short)}")
-        chosen += [h for h in hits if h not in chosen]
-    return chosen
+    return match_targets(layers, targets, "linear layer of the decoder blocks")
 
 
 def add_lora(model: nn.Module, lora: LoraSection, base_name: str):
@@ -222,7 +209,7 @@ def read_base_record(folder: str | Path) -> tuple[dict, ModelSection]:
     except UserError:
         raise
     except Exception as e:  # JSON, missing keys, a base the schema refuses
-        raise UserError(f"'{path}' is damaged: {_first_line(e)}") from None
+        raise UserError(f"'{path}' is damaged: {first_line(e)}") from None
 
 
 def load_peft_adapter_model(adapter_dir: str | Path, device: str | torch.device = "cpu",
@@ -255,4 +242,4 @@ def attach_peft_adapter(model: nn.Module, adapter_dir: str | Path):
         # read_base_record saw adapter_model.safetensors, which PEFT prefers to any pickle
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
     except Exception as e:  # damaged weights, an adapter for another architecture
-        raise UserError(f"'{adapter_dir}': could not attach the adapter: {_first_line(e)}") from e
+        raise UserError(f"'{adapter_dir}': could not attach the adapter: {first_line(e)}") from e

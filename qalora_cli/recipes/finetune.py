@@ -18,6 +18,7 @@ import torch
 
 from ..config.schema import RunConfig
 from ..errors import UserError
+from ..memory import peak_memory_mib
 from ..output_dir import discard, sweep_stale
 from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
 from ..train.loop import Run, evaluate, train_loop
@@ -241,7 +242,7 @@ class FinetuneRecipe:
             "init": dict(trainee.init_report, step0_eval_loss=baseline["eval_loss"]), "before": baseline,
             "seconds": {"setup": round(t_setup - self.t0, 2), "train": round(time.perf_counter() - t_setup, 2)},
             "tokens_per_s": metrics[-1]["tokens_per_s"] if metrics else None,
-            "peak_memory_mib": _peak_memory_mib(acc.device),
+            "peak_memory_mib": peak_memory_mib(acc.device),
         }
 
     def save(self, report: dict) -> None:
@@ -317,14 +318,6 @@ def _checkpointing_on(model) -> bool:
     if hasattr(model, "is_activation_checkpointing"):  # transformers 5
         return bool(model.is_activation_checkpointing)
     return bool(model.is_gradient_checkpointing)
-
-
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_final(run_dir: Path, trainee, data: dict, report: dict) -> None:
