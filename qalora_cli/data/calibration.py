@@ -18,7 +18,6 @@ from ..errors import UserError, first_line, root_cause
 from .builtin_text import calibration_text
 from .file_types import DATA_SUFFIXES
 
-TEXT_SUFFIXES = DATA_SUFFIXES  # the name eval/ppl_text.py imports
 
 
 def check_json_records(files) -> None:

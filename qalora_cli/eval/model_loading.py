@@ -60,7 +60,7 @@ def resolve_dtype(dtype: str, dev):
     """'auto' is float32 on a CPU (half precision is slow there) and float16 on an accelerator."""
     import torch
 
-    from ..models.loading import DTYPES
+    from ..dtypes import DTYPES
 
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: use {DTYPE_HELP}")
@@ -118,7 +118,8 @@ def _load_quantized(path: Path, config, tensors, dev, torch_dtype, kernel: str):
 def _load_float(model: str, dev, torch_dtype):
     """A Hugging Face folder, a hub id or a .gguf file, through transformers."""
     from ..config.schema import ModelSection
-    from ..models.loading import DTYPES, load_model
+    from ..dtypes import DTYPES
+    from ..models.loading import load_model
 
     dtype_name = {v: k for k, v in DTYPES.items()}[torch_dtype]
     loaded, tokenizer, src = load_model(ModelSection(name_or_path=model, dtype=dtype_name), str(dev))

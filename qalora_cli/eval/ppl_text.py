@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.builtin_text import heldout_text
-from ..data.calibration import TEXT_SUFFIXES, load_local, take_field
-from ..errors import UserError
+from ..data.calibration import load_local, take_field
+from ..data.file_types import DATA_SUFFIXES
+from ..errors import UserError, first_line
 
 
 def load_text(spec: str, config: str | None = None, split: str = "test", field: str = "text") -> tuple[str, str]:
@@ -16,8 +17,8 @@ def load_text(spec: str, config: str | None = None, split: str = "test", field: 
         return heldout_text(), "builtin held-out text (Python documentation topics not used for calibration)"
     p = Path(spec).expanduser()
     if p.is_file():
-        if p.suffix in TEXT_SUFFIXES:
-            ds = load_local(TEXT_SUFFIXES[p.suffix], str(p), str(p))
+        if p.suffix in DATA_SUFFIXES:
+            ds = load_local(DATA_SUFFIXES[p.suffix], str(p), str(p))
             text = "\n\n".join(take_field(ds, field, None, str(p), "pass --text-field"))
         else:
             text = p.read_text(encoding="utf-8", errors="replace")
@@ -30,7 +31,7 @@ def load_text(spec: str, config: str | None = None, split: str = "test", field: 
         try:
             ds = datasets.load_dataset(spec, config, split=split)
         except Exception as e:
-            raise UserError(f"could not load the dataset '{spec}': {str(e).strip().splitlines()[0]}") from e
+            raise UserError(f"could not load the dataset '{spec}': {first_line(e)}") from e
         # wikitext keeps paragraphs as rows, blank rows between them: joined as lm-eval does
         text = "\n\n".join(take_field(ds, field, None, spec, "pass --text-field"))
         desc = f"hub: {spec}" + (f"/{config}" if config else "") + f" [{split}]"
