@@ -116,8 +116,9 @@ def verify_float(cfg: RunConfig, rec: dict, source, adapter_dir: Path, folder: P
     out = {"verification": result}
     if rec["nf4"]:
         nf4 = compare(_probe_trained(adapter_dir, probe, device), merged)
-        nf4["note"] = ("the trained QLoRA model (NF4 base + adapter) against the merged float model: the NF4 "
-                       "rounding of the base, which the merge gives up (reported, not refused)")
+        nf4["note"] = ("the QLoRA model as trained (NF4 base, 16-bit elsewhere, + adapter) against the merged float "
+                       "model: the NF4 (and 16-bit) rounding of the base, which the merge gives up (reported, not "
+                       "refused)")
         out["nf4_vs_merged"] = nf4
     return out
 
