@@ -58,6 +58,11 @@ def _base_quantization(base: Path) -> dict:
 
 
 def run(cfg: RunConfig, overwrite: bool = False, show_progress: bool = True) -> dict:
+    from ..export.float_merge import route_float_merge
+
+    floated = route_float_merge(cfg, overwrite, show_progress)  # qlora/lora adapters, --format float
+    if floated is not None:
+        return floated
     t_start = time.perf_counter()
     m = cfg.merge
     base, adapter_dir, out = merge_paths(cfg)
