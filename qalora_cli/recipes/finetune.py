@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config.schema import RunConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..memory import peak_memory_mib
 from ..output_dir import discard, sweep_stale
 from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
@@ -267,7 +267,7 @@ def _restore(run_dir: Path, fingerprint: dict, trainee, optimizer, scheduler, ac
         set_rng_state(rng[acc.process_index])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise UserError(f"checkpoint '{latest}' is damaged or does not fit this run "
-                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); delete it to resume from the one "
+                        f"({type(e).__name__}: {first_line(e)}); delete it to resume from the one "
                         "before") from e
     step = state["step"]
     if acc.is_main_process:  # the metrics log continues from the checkpoint, as one curve

@@ -7,19 +7,16 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from ..progress import on_terminal, rich_bar
+
 
 @contextmanager
 def training_progress(total: int, start: int, enabled: bool = True,
                       every: int = 10) -> Iterator[Callable[[int, dict], None]]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    console = Console(stderr=True)
     if not enabled:
         yield lambda step, record: None
         return
-    if not console.is_terminal:
+    if not on_terminal():
         def line(step: int, r: dict) -> None:
             if step % every == 0 or step == total or "eval_loss" in r:
                 ev = f" eval_loss {r['eval_loss']:.4f}" if "eval_loss" in r else ""
@@ -28,17 +25,17 @@ def training_progress(total: int, start: int, enabled: bool = True,
 
         yield line
         return
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=total, completed=start, stats="")
+    from rich.progress import TextColumn, TimeRemainingColumn
+
+    with rich_bar("train", TextColumn("{task.fields[stats]}"), tail=(TimeRemainingColumn(),), total=total,
+                  completed=start, stats="") as update_bar:
         last_eval = ""
 
         def update(step: int, r: dict) -> None:
             nonlocal last_eval
             if "eval_loss" in r:
                 last_eval = f" eval {r['eval_loss']:.3f}"
-            bar.update(task, completed=step, stats=f"loss {r['loss']:.3f} lr {r['lr']:.1e} "
-                                                   f"{r['tokens_per_s']:.0f} tok/s{last_eval}")
+            update_bar(completed=step, stats=f"loss {r['loss']:.3f} lr {r['lr']:.1e} "
+                                             f"{r['tokens_per_s']:.0f} tok/s{last_eval}")
 
         yield update
