@@ -27,9 +27,10 @@ def plan_merge(cfg: RunConfig, shape: ModelShape, bits: int, group_size: int, ra
     phases = [_stream(shape, bits, rank, group_size)]
     notes = []
     if m.verify:
-        model = packed_model_bytes(shape, bits, group_size, 4, float_zeros=True) + float_part_bytes(shape, 4)
-        phases += [load_phase("merge", cfg, shape, bits, group_size, model), _verify(cfg, shape, dev, model, rank,
-                                                                               group_size)]
+        # the merged model's float zeros: the larger of the two models verification loads
+        packed = packed_model_bytes(shape, bits, group_size, 4, float_zeros=True)
+        phases += [load_phase("merge", cfg, shape, bits, group_size, packed),
+                   _verify(cfg, shape, dev, packed + float_part_bytes(shape, 4), rank, group_size)]
     if m.verify and m.format == "gguf":
         phases.append(_gguf_reload(shape, dev))
     if m.format == "mlx":
@@ -62,9 +63,9 @@ def _verify(cfg: RunConfig, shape: ModelShape, dev: str, model: int, rank: int, 
     # logits of every prompt position, float32, for the unmerged model (kept) and the merged one
     p.add(f"probe logits ({m.verify_prompts} prompts x {m.verify_tokens} tokens, both models)", "cpu",
           2 * m.verify_prompts * m.verify_tokens * shape.vocab * 4)
-    if m.ppl_tokens:
-        p.add(f"perplexity logits ({PPL_BATCH} x {PPL_SEQ} tokens) and one row's log-softmax", dev,
-              (PPL_BATCH + 1) * PPL_SEQ * shape.vocab * 4)
+    if m.ppl_tokens:  # eval/perplexity.py: a batch's logits are made while the last batch's are still held
+        p.add(f"perplexity logits (2 batches of {PPL_BATCH} x {PPL_SEQ} tokens) and one row's log-softmax", dev,
+              (2 * PPL_BATCH + 1) * PPL_SEQ * shape.vocab * 4)
     return p
 
 
@@ -76,6 +77,6 @@ def _gguf_reload(shape: ModelShape, dev: str) -> Phase:
     p.add("merged GGUF file, mapped while read", "cpu", shape.linear_weights * 20 // 32 + shape.float_params * 2)
     p.add("GGUF dequantized to a float32 model", dev, shape.total_params * 4)
     p.add("largest tensor dequantized to float32", "cpu", shape.vocab * shape.hidden * 4)
-    p.add(f"perplexity logits ({PPL_BATCH} x {PPL_SEQ} tokens) and one row's log-softmax", dev,
-          (PPL_BATCH + 1) * PPL_SEQ * shape.vocab * 4)
+    p.add(f"perplexity logits (2 batches of {PPL_BATCH} x {PPL_SEQ} tokens) and one row's log-softmax", dev,
+          (2 * PPL_BATCH + 1) * PPL_SEQ * shape.vocab * 4)
     return p
