@@ -27,3 +27,15 @@ def _yaml(value: Any) -> str:
 
     # JSON is YAML: strings are quoted so a path like "1e5" or "on" stays a string.
     return json.dumps(value)
+
+
+def planned_only(stage: str, cfg, dry_run: bool, output_json: bool) -> bool:
+    """With --dry-run, print the stage's memory plan (qalora_cli/plan: configs read, no weights,
+    nothing written) and say so; the stage command then returns."""
+    quiet_library_logs()
+    if not dry_run:
+        return False
+    from ..plan.dry_run import show_plan
+
+    show_plan(stage, cfg, output_json)
+    return True

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
+from .common import CONFIG_HELP, build_config, overrides_arg, planned_only
 from ..plan.cli_options import dry_run_option, output_json_option
 
 
@@ -32,14 +32,8 @@ def finetune(
     flags = {"finetune.method": method, "train.quantized_model": model, "data.source": data,
              "train.adapter_dir": output, "train.max_steps": max_steps, "train.device": device}
     cfg = build_config(config, list(overrides or []), flags)
-    if dry_run:  # the memory plan (qalora_cli/plan): configs read, no weights, nothing written
-        from ..plan.dry_run import show_plan
-
-        quiet_library_logs()
-        show_plan("finetune", cfg, output_json)
+    if planned_only("finetune", cfg, dry_run, output_json):
         return
-
-    quiet_library_logs()
     from ..recipes.finetune import run
 
     report = run(cfg, resume=resume, overwrite=overwrite)

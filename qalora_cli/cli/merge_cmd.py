@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
+from .common import CONFIG_HELP, build_config, overrides_arg, planned_only
 from ..plan.cli_options import dry_run_option, output_json_option
 
 
@@ -31,14 +31,8 @@ def merge(
     flags = {"merge.quantized_model": model, "merge.adapter_dir": adapter, "merge.dir": output,
              "merge.format": format, "merge.verify": False if no_verify else None}
     cfg = build_config(config, list(overrides or []), flags)
-    if dry_run:  # the memory plan (qalora_cli/plan): configs read, no weights, nothing written
-        from ..plan.dry_run import show_plan
-
-        quiet_library_logs()
-        show_plan("merge", cfg, output_json)
+    if planned_only("merge", cfg, dry_run, output_json):
         return
-
-    quiet_library_logs()
     from ..recipes.merge import run
 
     _print_summary(run(cfg, overwrite=overwrite))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_HELP, build_config, overrides_arg, quiet_library_logs
+from .common import CONFIG_HELP, build_config, overrides_arg, planned_only
 from ..plan.cli_options import dry_run_option, output_json_option
 
 
@@ -32,14 +32,8 @@ def quantize(
     # --model names the model outright: drop the config's package and GGUF file name.
     model_reset = ["model.package=null", "model.gguf_file=null"] if model is not None else []
     cfg = build_config(config, model_reset + list(overrides or []), flags)
-    if dry_run:  # the memory plan (qalora_cli/plan): configs read, no weights, nothing written
-        from ..plan.dry_run import show_plan
-
-        quiet_library_logs()
-        show_plan("quantize", cfg, output_json)
+    if planned_only("quantize", cfg, dry_run, output_json):
         return
-
-    quiet_library_logs()
     from ..recipes.quantize import run
 
     report = run(cfg, resume=resume)
