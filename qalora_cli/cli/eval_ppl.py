@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from ..eval.model_loading import ADAPTER_HELP, DTYPE_HELP, KERNEL_HELP, MODEL_HELP
 from ..library_logs import quiet_library_logs
+from .model_options import adapter_option, device_option, dtype_option, kernel_option, model_option
 from .eval_cmd import eval_app
 
 
 @eval_app.command("ppl")
 def ppl_cmd(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    adapter: Optional[Path] = typer.Option(None, help=ADAPTER_HELP),
+    model: Optional[str] = model_option,
+    adapter: Optional[Path] = adapter_option,
     text: str = typer.Option("builtin", help="builtin (held-out text, never calibration text), a .txt/.json/"
                                              ".jsonl/.csv/.parquet file, or a hub dataset id"),
     text_config: Optional[str] = typer.Option(None, help="the hub dataset's configuration, e.g. wikitext-2-raw-v1"),
@@ -26,9 +26,9 @@ def ppl_cmd(
                                                     "windows); smaller gives each token more context"),
     max_tokens: Optional[int] = typer.Option(None, help="score only the first N tokens of the text"),
     batch_size: int = typer.Option(4, help="windows per forward pass"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    device: str = device_option,
+    dtype: str = dtype_option,
+    kernel: str = kernel_option,
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="write the result to this JSON file"),
 ) -> None:
     """Perplexity of held-out text by sliding window (each token scored once)."""

@@ -10,15 +10,15 @@ from typing import Optional
 
 import typer
 
-from ..eval.model_loading import ADAPTER_HELP, DTYPE_HELP, KERNEL_HELP, MODEL_HELP
 from ..library_logs import quiet_library_logs
+from .model_options import adapter_option, device_option, dtype_option, kernel_option, model_option
 from .eval_cmd import eval_app
 
 
 @eval_app.command("stream")
 def stream_cmd(
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    adapter: Optional[Path] = typer.Option(None, help=ADAPTER_HELP),
+    model: Optional[str] = model_option,
+    adapter: Optional[Path] = adapter_option,
     text: str = typer.Option("builtin", help="builtin (held-out text), a .txt/.json/.jsonl/.csv/.parquet file, or a "
                                              "hub dataset id"),
     text_config: Optional[str] = typer.Option(None, help="the hub dataset's configuration"),
@@ -32,9 +32,9 @@ def stream_cmd(
     recompute_every: int = typer.Option(64, help="recompute scores every k-th token only (its cost is a full "
                                                  "window per scored token)"),
     chunk_tokens: int = typer.Option(1024, help="positions per chunk in the by-position report and plot"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    kernel: str = typer.Option("auto", help=KERNEL_HELP),
+    device: str = device_option,
+    dtype: str = dtype_option,
+    kernel: str = kernel_option,
     output_json: Optional[Path] = typer.Option(None, "--output-json", help="write the results to this JSON file"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG of perplexity against position"),
     per_token: bool = typer.Option(False, "--per-token", help="also write each scored token's loss (nll) and "

@@ -11,8 +11,8 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from ..eval.model_loading import ADAPTER_HELP, DTYPE_HELP, KERNEL_HELP, MODEL_HELP
 from ..library_logs import quiet_library_logs
+from .model_options import adapter_option, device_option, dtype_option, kernel_option, model_option
 
 CHAT_HELP = """Type a message and press Enter; the reply streams back. /reset starts over, /exit (or Ctrl-D)
 leaves, Ctrl-C stops a reply. With the sink cache (the default) the conversation can go on
@@ -21,8 +21,8 @@ past the window: older turns are evicted, the first tokens (the attention sinks)
 
 def _model_options():
     return dict(
-        model=typer.Option(None, help=MODEL_HELP),
-        adapter=typer.Option(None, help=ADAPTER_HELP),
+        model=model_option,
+        adapter=adapter_option,
         max_new_tokens=typer.Option(256, help="tokens to generate at most (per reply in chat)"),
         sinks=typer.Option(4, help="attention sinks: the first tokens, kept for good"),
         window=typer.Option(1020, help="recent tokens kept beside the sinks"),
@@ -32,9 +32,9 @@ def _model_options():
         seed=typer.Option(None, help="seed of the sampling, for repeatable samples"),
         raw=typer.Option(False, "--raw", help="feed the text as it is, without the model's chat template"),
         ignore_eos=typer.Option(False, "--ignore-eos", help="go on past end-of-text and end-of-turn tokens"),
-        device=typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps"),
-        dtype=typer.Option("auto", help=DTYPE_HELP),
-        kernel=typer.Option("auto", help=KERNEL_HELP),
+        device=device_option,
+        dtype=dtype_option,
+        kernel=kernel_option,
     )
 
 
