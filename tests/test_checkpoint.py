@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from qalora_cli.config.loader import validate
 from qalora_cli.models.quantized_io import load_quantized
 from qalora_cli.recipes.quantize import run
@@ -115,7 +115,7 @@ def test_loader_refuses_what_it_cannot_read(tiny_model_dir, tmp_path):
 
 
 def test_non_finite_weights_stop_with_a_clear_error(tmp_path):
-    from conftest import make_tiny_llama, make_tokenizer
+    from helpers import make_tiny_llama, make_tokenizer
     from qalora_cli.errors import UserError
 
     tok = make_tokenizer()

@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 from qalora_cli.cli.app import app
 from qalora_cli.lora.adapter_io import attach_adapter, read_adapter
 from qalora_cli.models.quantized_io import load_quantized
-from test_merge import bases, merge_cli  # noqa: F401  (module fixture: tiny GPTQ bases and an adapter)
-from test_perplexity import reference_nll
+from helpers import merge_cli, reference_nll
 
 runner = CliRunner()
 

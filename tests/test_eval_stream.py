@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import text_ids
+from helpers import text_ids
 from qalora_cli.cli.app import app
 
 runner = CliRunner()

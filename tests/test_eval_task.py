@@ -12,13 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import text_ids, tiny_config_dict
+from helpers import make_adapter, merge_cli, text_ids, tiny_config_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.lora.adapter_io import attach_adapter, read_adapter
 from qalora_cli.models.quantized_io import load_quantized
 from qalora_cli.recipes.quantize import run as quantize
-from test_merge import make_adapter, merge_cli
 
 runner = CliRunner()
 NEW_TOKENS = 6
@@ -215,7 +214,7 @@ def test_peft_adapter_on_the_other_commands(tiny_model_dir, tmp_path):
     """--adapter takes the PEFT folder in eval ppl and generate too (all load through one loader)."""
     from peft import PeftModel
 
-    from test_perplexity import reference_nll
+    from helpers import reference_nll
 
     adapter = peft_adapter(tiny_model_dir, tmp_path / "peft")
     model = PeftModel.from_pretrained(float_or_nf4(tiny_model_dir, "lora"), adapter).eval()

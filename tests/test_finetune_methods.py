@@ -14,7 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.recipes import finetune as finetune_recipe

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from qalora_cli.plan.runtime import RUNTIME_CPU_BYTES
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,6 @@ import json
 import pytest
 import torch
 
-# bases (conftest's session fixture), make_adapter and merge_cli are re-exported for the test files
-# that still import them from here (test_eval_ppl, test_stream, test_eval_task).
-from conftest import bases  # noqa: F401
 from helpers import SMALL_REFIT, make_adapter, merge_cli, tiny_config_dict
 from qalora_cli.config.loader import validate
 from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-# reference_nll is re-exported for test_eval_ppl and test_eval_task, which import it from here.
 from helpers import make_tiny_llama, reference_nll
 from qalora_cli.errors import UserError
 from qalora_cli.eval.perplexity import perplexity

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config_dict
+from helpers import tiny_config_dict
 from qalora_cli.cli.app import app
 
 runner = CliRunner()

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from typer.testing import CliRunner
 
-from conftest import CHAT_TEMPLATE as TEMPLATE, make_tiny_llama, make_tokenizer, text_ids
-from test_merge import bases, merge_cli  # noqa: F401  (module fixture: tiny GPTQ bases and an adapter)
+from helpers import CHAT_TEMPLATE as TEMPLATE, make_tiny_llama, make_tokenizer, merge_cli, text_ids
 from qalora_cli.cli.app import app
 from qalora_cli.errors import UserError
 from qalora_cli.stream.caches import FullCache
