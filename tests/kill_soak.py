@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 # Fields that measure time or speed, not results: they differ between any two runs.
-TIMING_KEYS = {"seconds", "tokens_per_s", "peak_memory_mib", "elapsed_s", "time", "seconds_stats"}
+TIMING_KEYS = {"seconds", "tokens_per_s", "peak_memory_mib", "elapsed_s", "time", "seconds_stats", "peak_rss_mib",
+               "peak_rss_mib_merge"}
 
 
 def env() -> dict:
@@ -56,6 +57,23 @@ def run_until(args: list, stop: Callable[[float], bool], timeout: float = 600) -
 
 def run(args: list, timeout: float = 600) -> Outcome:
     return run_until(args, lambda _t: False, timeout)
+
+
+def run_timed(args: list, begun: Callable[[], bool], done: Callable[[], bool]) -> tuple[Outcome, tuple[float, float]]:
+    """Run `qalora ARGS` to its end -> (outcome, (seconds until `begun()` first held, until
+    `done()` first held)): from the moment the stage began to write (before it the process only
+    imports and loads) to the moment its output was in place (after it, it only exits)."""
+    t0 = time.perf_counter()
+    marks: dict[str, float] = {}
+
+    def watch(_t):
+        for name, probe in (("begun", begun), ("done", done)):
+            if name not in marks and probe():
+                marks[name] = time.perf_counter() - t0
+        return False
+
+    o = run_until(args, watch)
+    return o, (marks.get("begun", 0.0), marks.get("done", o.seconds))
 
 
 def strip_timing(obj):

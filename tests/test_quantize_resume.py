@@ -1,6 +1,7 @@
 """`qalora quantize --resume` (issue 17, item 1): stopped by Ctrl-C after a block, resumed and
-killed with SIGKILL after more, then resumed again, the run gives the uninterrupted run's checkpoint bit for bit; a resume with
-other settings is refused in one line; the progress folder goes once the output is finished.
+killed with SIGKILL after more, then resumed again, the run gives the uninterrupted run's
+checkpoint bit for bit; a resume with other settings or other model weights is refused in one
+line; the progress folder goes once the output is finished.
 The long soak (kills at random moments, every stage) is tests/test_kill_soak_slow.py."""
 
 from __future__ import annotations
