@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 import kill_soak
-from conftest import make_tiny_llama, tiny_config_dict
+from helpers import make_tiny_llama, tiny_config_dict
 
 pytestmark = pytest.mark.slow
 

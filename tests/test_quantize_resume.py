@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 import kill_soak
-from conftest import make_tiny_llama, tiny_config_dict
+from helpers import make_tiny_llama, tiny_config_dict
 from fuzz_readers import call_cli
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
