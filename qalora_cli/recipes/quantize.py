@@ -53,7 +53,8 @@ def run(cfg: RunConfig, show_progress: bool = True, resume: bool = False) -> dic
     dtype = DTYPES[cfg.output.dtype]
     # What lora.init svd/quailora start from, gathered while W, W~ and H are at hand (lora/init_stats.py)
     stats = StatsCollector(scale_dtype=dtype) if cfg.output.init_stats else None
-    inputs = {"model_weights": tensors_identity(model.state_dict()), "calibration": tensors_identity({"ids": calib}, samples=calib.numel())}
+    inputs = {"model_weights": tensors_identity(model.state_dict()),
+              "calibration": tensors_identity({"ids": calib}, samples=calib.numel())}
     progress = QuantizeProgress.open(progress_dir(out), settings, inputs, len(decoder_blocks(model)[1]),
                                      fresh=not resume, stats=stats)
     if resume and progress.finished() and show_progress:
