@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -189,18 +189,33 @@ def sweep_stale_in(folder: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def sweep_stale(target: str | Path) -> None:
+def sweep_stale(target: str | Path, finished: Callable[[Path], bool] | None = None) -> None:
     """Undo what a killed writer of `target` left: the finished output it was replacing goes
-    back in place if the new one never arrived; its half-built and half-deleted folders go."""
+    back in place if the new one never arrived (`finished(target)` false; by default: `target`
+    absent, as atomic outputs appear only whole), replacing what the new one left unfinished;
+    its half-built and half-deleted folders go."""
     target = Path(target)
+    done = finished or (lambda p: p.exists())
     for p in stale_temporaries(target):
         kind = _TEMP.match(p.name)["kind"]
-        if kind == "old" and not target.exists():
+        if kind == "old" and not done(target):
+            if target.exists():
+                discard(target)  # the replacement that never finished; the old one is still whole
             os.replace(p, target)
         elif kind == "old":
             discard(p, of=target)  # whole until renamed: never restore a half-deleted one
         else:
             shutil.rmtree(p, ignore_errors=True)  # still named stale if cut short: the next sweep goes on
+
+
+def set_aside(target: str | Path) -> Path:
+    """Move a finished output out of the way of its replacement (an --overwrite that builds in
+    place, as a fine-tune does), as this process's `old` sibling: delete it with `discard(old,
+    of=target)` once the replacement is finished; if this process is killed first,
+    `sweep_stale(target, finished)` puts it back."""
+    old = _sibling(Path(target), "old")
+    os.replace(target, old)
+    return old
 
 
 def _ordinary_permissions(folder: Path) -> None:

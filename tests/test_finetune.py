@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -228,3 +229,29 @@ def test_two_fine_tunes_with_other_precisions_run_in_one_process(tiny_model_dir,
     assert first["after"]["eval_loss"] != second["after"]["eval_loss"]
     # bf16 autocast rounds the forward: the two curves start from one model and already differ at step 1
     assert losses(tmp_path / "a")[0]["loss"] != losses(tmp_path / "b")[0]["loss"]
+
+
+def test_a_kill_during_overwrite_gives_the_earlier_adapter_back(tiny_model_dir, qbase, tmp_path):
+    """--overwrite keeps the finished run aside until the new one is saved: SIGKILL mid-training,
+    and the next finetune on that folder finds the earlier adapter in place, byte for byte."""
+    out = tmp_path / "adapter"
+    finetune_recipe.run(ft_cfg(tiny_model_dir, qbase, out, max_steps=2, eval_every=2, save_every=2),
+                        show_progress=False)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    cfg_file = tmp_path / "ft.yaml"
+    cfg_file.write_text(yaml.safe_dump(ft_dict(tiny_model_dir, qbase, out, max_steps=400, save_every=1)))
+    proc = subprocess.Popen([sys.executable, "-m", "qalora_cli", "finetune", "--config", str(cfg_file),
+                             "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (list(tmp_path.glob(".adapter.old-*")) and list(out.glob("checkpoints/step-*"))):
+            assert time.time() < deadline and proc.poll() is None, "the overwrite never got under way"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "adapter_config.json").exists()  # the new run, unfinished, is in its place
+    with pytest.raises(UserError, match="already holds a finished adapter"):
+        finetune_recipe.check_run_dir(out, resume=False, overwrite=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    assert not list(tmp_path.glob(".adapter.*"))

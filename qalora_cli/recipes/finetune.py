@@ -19,7 +19,7 @@ import torch
 from ..config.schema import RunConfig
 from ..errors import UserError, first_line
 from ..memory import peak_memory_mib
-from ..output_dir import discard, sweep_stale
+from ..output_dir import discard, set_aside, sweep_stale
 from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
 from ..train.loop import Run, evaluate, train_loop
 from ..train.optim import build_optimizer, build_scheduler
@@ -42,8 +42,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Decide, before any slow work, whether this run may use `run_dir`."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
-    sweep_stale(run_dir)  # what a killed --overwrite left half-deleted
-    finished = (run_dir / "adapter_config.json").is_file()
+    sweep_stale(run_dir, finished=_finished)  # a killed --overwrite: the earlier run back, the new one gone
+    finished = _finished(run_dir)
     has_ckpt = bool(checkpoint_dirs(run_dir))
     if resume:
         if not has_ckpt:
@@ -55,6 +55,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"adapter output '{run_dir}' already holds {what}; pass --overwrite to replace it")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"adapter output '{run_dir}' exists and is not a folder")
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "adapter_config.json").is_file()
 
 
 def _mixed_precision(choice: str, device: torch.device) -> str:
@@ -144,7 +148,8 @@ class FinetuneRecipe:
         t_setup = time.perf_counter()
         outcome = self.train()
         report = self.report(outcome, baseline, t_setup)
-        if outcome["interrupted"]:
+        if outcome["interrupted"]:  # Ctrl-C: the new run is kept to --resume, the one it replaces goes
+            self.drop_replaced()
             return report
         report["after"] = self.evaluate(outcome["step"], baseline)
         report["seconds"]["total"] = round(time.perf_counter() - self.t0, 2)
@@ -191,12 +196,12 @@ class FinetuneRecipe:
         scheduler = build_scheduler(optimizer, t)
         loss_model, optimizer = acc.prepare(ResponseLoss(self.model), optimizer)
         fingerprint = _fingerprint(self.cfg, trainee.base_sha256)
-        self.start_step = 0
+        self.start_step, self.replaced = 0, None
         if self.resume:
             self.start_step = _restore(self.run_dir, fingerprint, trainee, optimizer, scheduler, acc)
         elif acc.is_main_process:
-            if self.run_dir.exists():
-                discard(self.run_dir)  # --overwrite, checked above; renamed first: never seen half-deleted
+            if self.run_dir.exists():  # --overwrite, checked above: the earlier run is kept aside until
+                self.replaced = set_aside(self.run_dir)  # this one is saved (a kill -9 gives it back)
             self.run_dir.mkdir(parents=True)
         acc.wait_for_everyone()
         self.loop = Run(acc, loss_model, trainee.adapter_tensors, trainee.params, optimizer, scheduler,
@@ -249,7 +254,13 @@ class FinetuneRecipe:
         """The adapter and the report, written so that a crash never leaves half of them."""
         if self.acc.is_main_process:
             _write_final(self.run_dir, self.trainee, self.cfg.data.model_dump(mode="json"), report)
+            self.drop_replaced()
         self.acc.wait_for_everyone()
+
+    def drop_replaced(self) -> None:
+        if self.replaced is not None:
+            discard(self.replaced, of=self.run_dir)
+            self.replaced = None
 
 
 def _restore(run_dir: Path, fingerprint: dict, trainee, optimizer, scheduler, acc) -> int:
