@@ -71,9 +71,9 @@ def main() -> None:
     model = args.model or float_model()
     names = args.only.split(",") if args.only else list(VARIANTS)
     results = {n: run_variant(n, model, args.tokens, args.every, args.out, args.adapter) for n in names}
-    report(results, args.out)
-    if sum(n.startswith("sinks") or n == "window" for n in names) > 2:
+    if sum(n.startswith("sinks") or n == "window" for n in names) > 2:  # before report(), which drops per_token
         plot_sink_ablation(results, args.out / "sink_ablation.png")
+    report(results, args.out)
 
 
 def report(results: dict, out: Path) -> None:
