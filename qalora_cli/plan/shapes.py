@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def read_config(location: str, gguf_file: str | None = None, revision: str | Non
                                           trust_remote_code=trust_remote_code)
     except Exception as e:  # the loading boundary: missing, damaged or unreachable config
         what = f"{location}/{gguf_file}" if gguf_file else location
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise UserError(f"could not read the model config of '{what}': {first}") from e
 
 
@@ -101,7 +101,7 @@ def shape_of(config, source: str, file_bytes: tuple[int, int] = (0, 0), gguf: bo
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise UserError(f"the config of '{source}' describes no model transformers can build: {first}") from e
     _, blocks = decoder_blocks(model)
     block_shapes = tuple(tuple(LinearShape(n, m.in_features, m.out_features, m.bias is not None)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..output_dir import discard, disk_full_error, is_disk_full, temp_sibling
 from .pack import pack_rows, unpack_rows
 from .result import QuantizedWeight
@@ -74,7 +75,7 @@ def read_settings(folder: Path) -> dict:
             raise ValueError("not a qalora quantize progress file")
         return recorded
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot resume: '{folder / SETTINGS}' is unreadable ({str(e).splitlines()[0]}); "
+        raise UserError(f"cannot resume: '{folder / SETTINGS}' is unreadable ({first_line(e)}); "
                         f"delete '{folder}' to start over") from None
 
 
@@ -108,8 +109,14 @@ class QuantizeProgress:
         discard(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(folder)
-        (tmp / SETTINGS).write_text(json.dumps({"format": FORMAT, "settings": settings, "inputs": inputs},
-                                               indent=1, sort_keys=True) + "\n")
+        try:
+            (tmp / SETTINGS).write_text(json.dumps({"format": FORMAT, "settings": settings, "inputs": inputs},
+                                                   indent=1, sort_keys=True) + "\n")
+        except Exception as e:  # a disk already full: nothing may be left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise disk_full_error(folder, 0) from e
+            raise
         os.replace(tmp, folder)  # the folder appears with its settings, never without
         return cls(folder, settings, inputs, blocks, stats)
 
@@ -174,7 +181,7 @@ class QuantizeProgress:
                                                 zeros=tensors[f"{name}.zeros"], g_idx=g_idx, bits=bits,
                                                 group_size=group)
         except Exception as e:
-            raise UserError(f"cannot resume: '{path}' is damaged ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+            raise UserError(f"cannot resume: '{path}' is damaged ({first_line(e)}); "
                             "delete it to redo that block") from None
         if self.stats is not None:
             self.stats.tensors.update({k[len("stats."):]: v for k, v in tensors.items() if k.startswith("stats.")})

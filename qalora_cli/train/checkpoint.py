@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..output_dir import discard, disk_full_error, folder_bytes, is_disk_full, sweep_stale_in, temp_sibling
 
 STATE = "trainer_state.json"
@@ -120,6 +120,6 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, to
         if rng.dim() != 2 or rng.dtype != torch.uint8:
             raise ValueError(f"rng.safetensors: 'rng' is {rng.dtype} {tuple(rng.shape)}, not uint8 [processes, n]")
     except Exception as e:
-        raise UserError(f"checkpoint '{path}' is damaged ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+        raise UserError(f"checkpoint '{path}' is damaged ({first_line(e)}); "
                         "delete it to resume from the one before") from e
     return state, adapter, optimizer, rng
