@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,28 @@ SMOL = ["--config", "smollm2-135m-int4"]
 
 
 def peak_rss(args: list[str], log: Path) -> int:
-    """Run `qalora ARGS` to the end; -> its peak resident set in bytes."""
+    """Run `qalora ARGS` to the end; -> its peak resident set in bytes: the high-water mark of its
+    memory (VmHWM), sampled every 20 ms while it runs. Not wait4's ru_maxrss: Linux carries the
+    parent's high-water mark over fork and exec into it, so under a pytest process grown to gigabytes
+    (the whole slow step) every child would report the parent's size."""
+    hwm = 0
     with open(log, "w") as out:
         p = subprocess.Popen([QALORA, *args], stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+        while p.poll() is None:
+            hwm = max(hwm, _vm_hwm(p.pid))
+            time.sleep(0.02)
     assert p.returncode == 0, log.read_text()[-3000:]
-    return usage.ru_maxrss * 1024  # KiB on Linux
+    return hwm
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError):
+        pass  # gone between two samples
+    return 0
 
 
 def planned(args: list[str]) -> dict:
