@@ -125,3 +125,16 @@ def reference_nll(model, ids, seq_len, stride):
         if end == len(ids):
             break
     return total / count, count
+
+
+def tiny_finetune_dict(model_dir, out_dir, adapter_dir, **train):
+    """A tiny fine-tune's config (rank 8 on the built-in task, raw template, CPU, fp32): `train`
+    overrides the train section's keys."""
+    d = tiny_config_dict(model_dir, out_dir)
+    d["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0}
+    d["data"] = {"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
+                 "eval_max_examples": 16}
+    d["train"] = {"adapter_dir": str(adapter_dir), "device": "cpu", "micro_batch_size": 4, "batch_size": 8,
+                  "learning_rate": 3e-3, "max_steps": 12, "eval_every": 4, "save_every": 4,
+                  "exact_match_examples": 0, "mixed_precision": "no", **train}
+    return d

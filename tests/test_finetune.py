@@ -15,7 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_config_dict
+from helpers import tiny_config_dict, tiny_finetune_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.errors import UserError
@@ -36,16 +36,7 @@ def qbase(tiny_model_dir, tmp_path_factory):
 
 
 def ft_dict(tiny_model_dir, qbase, adapter_dir, **train):
-    d = tiny_config_dict(tiny_model_dir, qbase)
-    d["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0}
-    d["data"] = {"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
-                 "eval_max_examples": 16}
-    t = {"adapter_dir": str(adapter_dir), "device": "cpu", "micro_batch_size": 4, "batch_size": 8,
-         "learning_rate": 3e-3, "max_steps": 12, "eval_every": 4, "save_every": 4, "exact_match_examples": 0,
-         "mixed_precision": "no"}
-    t.update(train)
-    d["train"] = t
-    return d
+    return tiny_finetune_dict(tiny_model_dir, qbase, adapter_dir, **train)
 
 
 def ft_cfg(*args, **kw):

@@ -14,7 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_config_dict
+from helpers import tiny_finetune_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.recipes import finetune as finetune_recipe
@@ -24,16 +24,9 @@ runner = CliRunner()
 
 
 def method_dict(model_dir, root, adapter_dir, method, **train):
-    d = tiny_config_dict(model_dir, root / "int4-unused")
+    d = tiny_finetune_dict(model_dir, root / "int4-unused", adapter_dir,
+                           **{"learning_rate": 2e-2, "max_steps": 16, "eval_every": 8, "save_every": 8, **train})
     d["finetune"] = {"method": method}
-    d["lora"] = {"rank": 8, "alpha": 16, "dropout": 0.0}
-    d["data"] = {"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
-                 "eval_max_examples": 16}
-    t = {"adapter_dir": str(adapter_dir), "device": "cpu", "micro_batch_size": 4, "batch_size": 8,
-         "learning_rate": 2e-2, "max_steps": 16, "eval_every": 8, "save_every": 8, "exact_match_examples": 0,
-         "mixed_precision": "no"}
-    t.update(train)
-    d["train"] = t
     return d
 
 
