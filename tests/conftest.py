@@ -22,6 +22,19 @@ from helpers import (CHAT_TEMPLATE, make_adapter, make_tiny_llama, make_tokenize
 __all__ = ["CHAT_TEMPLATE", "make_tiny_llama", "make_tokenizer", "text_ids", "tiny_config_dict"]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module. Tiny models gain nothing from threads (on a shared 2-core
+    machine contention makes each forward ~100x slower), and float sums are reduced in the same
+    order as in a subprocess run with OMP_NUM_THREADS=1, which tests compare bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama folder (config, safetensors weights, tokenizer)."""

@@ -20,14 +20,7 @@ from qalora_cli.eval.mmlu_data import (CATEGORIES, SUBJECT_CATEGORY, SUBJECTS, M
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine thread contention
-    # makes each forward ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
