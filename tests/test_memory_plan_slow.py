@@ -2,8 +2,8 @@
 (CPU): quantize (calibration cut to 16 samples), a 2-step fine-tune on full-length, fully
 labelled sequences (the case the plan describes), and a verified merge; each plan within 25%
 of the peak. The measured runtime constants of qalora_cli/plan/runtime.py are re-measured on the
-tiny model too. Each stage runs in its own process, its peak read from wait4's rusage (ru_maxrss:
-the process's whole resident set at its peak, the Python + torch runtime included).
+tiny model too. Each stage runs in its own process, its peak the process's VmHWM (the whole
+resident set at its peak, the Python + torch runtime included), sampled while it runs.
 
     QALORA_MEMPLAN_FIGURES=FILE OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_memory_plan_slow.py -m slow -s
 """

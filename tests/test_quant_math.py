@@ -6,6 +6,7 @@ import torch
 from qalora_cli.errors import UserError
 from qalora_cli.quant.gptq import HessianAccumulator, gptq_quantize, output_error
 from qalora_cli.quant.gptq_format import from_gptq_tensors, to_gptq_tensors
+from qalora_cli.quant.result import QuantizedWeight
 from qalora_cli.quant.rtn import rtn_quantize
 
 
@@ -128,3 +129,23 @@ def test_clip_search_never_worse_than_full_range(bits):
     assert (err(clipped) <= err(plain) + 1e-6).all()  # per group: 1.0 is among the candidates
     assert err(clipped).sum() < err(plain).sum()
     assert clipped.zeros.min() >= 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_are_held_at_a_byte_a_weight_and_dequantize_as_the_float64_formula(bits):
+    # The quantize run holds every layer's codes until the end (the memory plan counts a byte a
+    # weight); the compact dtype must not change a single code, up to 2^8 - 1 at 8 bits.
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (16, 64), generator=g, dtype=torch.int32)
+    codes[0, 0], codes[0, 1] = 0, 2 ** bits - 1
+    scales, zeros = torch.rand(2, 16, generator=g) + 0.1, torch.randint(0, 2 ** bits, (2, 16), generator=g).float()
+    g_idx = torch.arange(64, dtype=torch.int32) // 32
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, 32)
+    assert qw.codes.dtype == torch.uint8 and qw.codes.element_size() * qw.codes.numel() == 16 * 64
+    assert torch.equal(qw.codes.to(torch.int32), codes)
+    ref = scales.double()[g_idx.long()].T * (codes.double() - zeros.double()[g_idx.long()].T)
+    torch.testing.assert_close(qw.dequantize().double(), ref, rtol=1e-6, atol=1e-6)
+    rounded = rtn_quantize(torch.randn(16, 64, generator=g), bits, 32)
+    assert rounded.codes.dtype == torch.uint8 and int(rounded.codes.max()) <= 2 ** bits - 1
+    with pytest.raises(TypeError, match="integers"):
+        QuantizedWeight(codes.float(), scales, zeros, g_idx, bits, 32)

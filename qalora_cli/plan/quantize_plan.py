@@ -1,9 +1,10 @@
 """The memory of `qalora quantize` (recipes/quantize.py, quant/sequential.py, quant/gptq.py).
 
-The float model is loaded on the CPU and stays there; each block visits the quantize device for
-its turn. What grows is the result: every layer's GPTQ codes stay int32 [out, in] (4 bytes a
-weight, as much as a float32 model) with float32 scales and zeros until all blocks are done and
-packed, so the CPU peak comes at the end of the block loop."""
+The float model is loaded on the CPU; each block visits the quantize device for its turn and,
+once done, is packed into the model (its float weights go). So the CPU holds the float model
+at the first block, and at the last the float parts, the packed blocks and the `lora.init`
+statistics gathered on the way: the peak is the larger of the two.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def plan_quantize(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     q, c = cfg.quantize, cfg.calibration
     dev = planned_device(q.device)
     md = DTYPE_BYTES[cfg.model.dtype]
-    phases = [_load(shape, md), _block_loop(cfg, shape, dev, md), _pack(cfg, shape, md)]
+    phases = [_load(shape, md), *_block_loop(cfg, shape, dev, md), _save(cfg, shape, md)]
     if dev != "cpu":
         phases += _device_side(cfg, shape, dev, md)
     settings = (f"{q.method} INT{q.bits} g{q.group_size}, calibration {c.num_samples} x {c.seq_len} tokens, "
@@ -36,27 +37,36 @@ def _load(shape: ModelShape, md: int) -> Phase:
     return p
 
 
-def _results(p: Phase, cfg: RunConfig, shape: ModelShape) -> Phase:
-    """Every layer's result, held until all are packed: int32 codes, float32 scales and zeros, and
-    the lora.init statistics C [out, groups], R_mean [out, groups], G [groups, groups] (float32)."""
+def _stats(p: Phase, cfg: RunConfig, shape: ModelShape) -> Phase:
+    """The lora.init statistics of every layer, gathered block by block and held to the end:
+    C [out, groups], R_mean [out, groups], G [groups, groups] (float32)."""
     g = cfg.quantize.group_size
-    p.add("GPTQ codes of every layer (int32 until packed)", "cpu", shape.linear_weights * 4)
-    p.add("scales and zeros of every layer (float32)", "cpu",
-          sum(2 * groups_of(lin, g) * lin.out_features * 4 for lin in shape.linears()))
     if cfg.output.init_stats:
         p.add("lora.init statistics (output.init_stats)", "cpu",
               sum((2 * lin.out_features + groups_of(lin, g)) * groups_of(lin, g) * 4 for lin in shape.linears()))
     return p
 
 
-def _block_loop(cfg: RunConfig, shape: ModelShape, dev: str, md: int) -> Phase:
-    """The last block: every earlier block's result is held, and this block's work on `dev`."""
-    p = add_runtime(Phase("end of the block loop"), "quantize")
-    p.add("float model", "cpu", shape.total_params * md)
-    _results(p, cfg, shape)
-    if dev == "cpu":
-        _block_work(p, cfg, shape, "cpu", md)
+def _packed(p: Phase, cfg: RunConfig, shape: ModelShape) -> Phase:
+    out = DTYPE_BYTES[cfg.output.dtype]
+    p.add("packed layers (qweight, qzeros, scales, g_idx)", "cpu",
+          packed_model_bytes(shape, cfg.quantize.bits, cfg.quantize.group_size, out))
     return p
+
+
+def _block_loop(cfg: RunConfig, shape: ModelShape, dev: str, md: int) -> list[Phase]:
+    """The first block (the whole float model) and the last (every other block packed, the
+    statistics of all), each with the block's work when it runs on the CPU."""
+    first = add_runtime(Phase("first block"), "quantize")
+    first.add("float model", "cpu", shape.total_params * md)
+    last = add_runtime(Phase("last block"), "quantize")
+    last.add("float embeddings, norms and head", "cpu", shape.float_params * md)
+    last.add("the last block's float layers", "cpu", sum(lin.weights for lin in shape.blocks[-1]) * md)
+    _stats(_packed(last, cfg, shape), cfg, shape)
+    if dev == "cpu":
+        for p in (first, last):
+            _block_work(p, cfg, shape, "cpu", md)
+    return [first, last]
 
 
 def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) -> None:
@@ -75,15 +85,10 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
     p.add("GPTQ work on the largest layer (6 float32 copies)", dev, 6 * largest * 4)
 
 
-def _pack(cfg: RunConfig, shape: ModelShape, md: int) -> Phase:
-    """Packing: each float layer is replaced by its packed form while the codes are still held."""
-    p = add_runtime(Phase("packing and saving"), "quantize")
-    p.add("float embeddings, norms and head", "cpu", (shape.float_params) * md)
-    _results(p, cfg, shape)
-    out = DTYPE_BYTES[cfg.output.dtype]
-    p.add("packed layers (qweight, qzeros, scales, g_idx)", "cpu",
-          packed_model_bytes(shape, cfg.quantize.bits, cfg.quantize.group_size, out))
-    return p
+def _save(cfg: RunConfig, shape: ModelShape, md: int) -> Phase:
+    p = add_runtime(Phase("saving"), "quantize")
+    p.add("float embeddings, norms and head", "cpu", shape.float_params * md)
+    return _stats(_packed(p, cfg, shape), cfg, shape)
 
 
 def _device_side(cfg: RunConfig, shape: ModelShape, dev: str, md: int) -> list[Phase]:

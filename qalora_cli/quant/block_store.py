@@ -177,7 +177,7 @@ class QuantizeProgress:
             for name, (bits, group) in json.loads(meta["bits"]).items():
                 g_idx = tensors[f"{name}.g_idx"]
                 codes = unpack_rows(tensors[f"{name}.codes"], bits, g_idx.numel()).t().contiguous()
-                results[name] = QuantizedWeight(codes=codes.to(torch.int32), scales=tensors[f"{name}.scales"],
+                results[name] = QuantizedWeight(codes=codes.to(torch.uint8), scales=tensors[f"{name}.scales"],
                                                 zeros=tensors[f"{name}.zeros"], g_idx=g_idx, bits=bits,
                                                 group_size=group)
         except Exception as e:

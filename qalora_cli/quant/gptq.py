@@ -218,7 +218,7 @@ def _in_column_order(Q: torch.Tensor, g_idx_perm: torch.Tensor, perm: torch.Tens
     g_idx = g_idx_perm[invperm].to(torch.int32)
     s_full = scales[g_idx.long()].t()
     z_full = zeros[g_idx.long()].t()
-    codes = quantize_codes(Q, s_full, z_full, bits).to(torch.int32)
+    codes = quantize_codes(Q, s_full, z_full, bits).to(torch.uint8)
     return QuantizedWeight(codes=codes.cpu(), scales=scales.cpu(), zeros=zeros.cpu(),
                            g_idx=g_idx.cpu(), bits=bits, group_size=group_size)
 

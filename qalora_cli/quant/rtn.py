@@ -21,7 +21,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = F
     zero = zero.reshape(n_groups, out_f)
     codes = quantize_codes(wg, scale.t().unsqueeze(-1), zero.t().unsqueeze(-1), bits)
     return QuantizedWeight(
-        codes=codes.reshape(out_f, in_f).to(torch.int32),
+        codes=codes.reshape(out_f, in_f).to(torch.uint8),
         scales=scale,
         zeros=zero,
         g_idx=contiguous_g_idx(in_f, group_size),

@@ -135,7 +135,9 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
                    on_block: Callable[[int, int], None] | None = None,
                    quantize_layer: LayerQuantizer | None = None, heldout_ids: torch.Tensor | None = None,
                    asymmetric: bool = False, layer_stats: LayerStatsHook | None = None,
-                   store: BlockStore | None = None) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
+                   store: BlockStore | None = None,
+                   hand_over: Callable[[dict[str, QuantizedWeight]], None] | None = None,
+                   ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
     """Quantize every linear layer of the decoder blocks in place (weights become W~) and
     return the quantized weights by full module name, with a report per layer.
 
@@ -147,7 +149,10 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
     `layer_stats(name, target, quantized weight, H)` is called for every layer while the weight it aimed at
     and H are still at hand (lora/init_stats.py gathers what `lora.init` needs there).
     `store` saves each block as it finishes; the blocks it already holds are not quantized again but
-    restored, and the calibration batches are passed through them as they were the first time."""
+    restored, and the calibration batches are passed through them as they were the first time.
+    `hand_over` takes each block's quantized weights once the block is done with (passed through,
+    saved); they are then not kept, and the result holds only the reports. `qalora quantize` packs
+    them into the model there, so that the finished blocks' float weights go as it proceeds."""
     quantize_layer = quantize_layer or (lambda _name, w, H, _held: _quantize_layer(w, H, q))
     prefix, blocks = decoder_blocks(model)
     streams = _block_zero_inputs(model, blocks, calib_ids, heldout_ids, q.batch_size, device, asymmetric)
@@ -163,12 +168,15 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
         else:
             block_results, block_reports = _quantize_block(block, f"{prefix}.{i}", streams, ref_block, q,
                                                            quantize_layer, layer_stats)
-        results.update(block_results)
         reports.extend(block_reports)
         _advance(block, ref_block, streams)
         block.to("cpu")
         if store is not None and i >= done:
             store.save(i, block_results, block_reports)
+        if hand_over is not None:
+            hand_over(block_results)
+        else:
+            results.update(block_results)
         if on_block:
             on_block(i + 1, len(blocks))
     return results, reports

@@ -60,11 +60,12 @@ def run(cfg: RunConfig, show_progress: bool = True, resume: bool = False) -> dic
     if resume and progress.finished() and show_progress:
         _note(f"resuming after block {progress.finished()} (progress in '{progress.folder}')")
     with block_progress("quantizing blocks", enabled=show_progress) as advance:
-        weights, layers = quantize_model(model, calib, q, device, on_block=advance, layer_stats=stats,
-                                         store=progress)
+        # Each finished block is packed into the model at once: its float weights go, so the
+        # memory falls as the run proceeds instead of every layer's codes piling up to the end.
+        _, layers = quantize_model(model, calib, q, device, on_block=advance, layer_stats=stats, store=progress,
+                                   hand_over=lambda block_weights: install_quant_linears(model, block_weights, dtype))
     t_quant = time.perf_counter()
 
-    install_quant_linears(model, weights, dtype)
     seconds = {"load_and_calibration_data": round(t_loaded - t_start, 2), "quantize": round(t_quant - t_loaded, 2)}
     report = _report(cfg, src, device, layers, stats, seconds, {"settings": settings_digest(settings),
                                                                 "inputs": inputs})
