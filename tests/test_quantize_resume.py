@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -21,6 +20,7 @@ from helpers import make_tiny_llama, tiny_config_dict
 from fuzz_readers import call_cli
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
+from qalora_cli.quant.block_store import QuantizeProgress
 from qalora_cli.recipes.quantize import run as quantize
 
 # One torch thread here, as in the subprocesses (kill_soak.env): the runs are compared bit for bit,
@@ -60,26 +60,24 @@ def blocks_done(out: Path) -> int:
 
 
 def ctrl_c_after_first_block(args: list, out: Path) -> None:
-    """Run `qalora ARGS` here, interrupted (SIGINT, what Ctrl-C sends) once a block is saved."""
-    def watch():
-        while not blocks_done(out) and not done.is_set():
-            time.sleep(0.005)
-        if not done.is_set():
+    """Run `qalora ARGS` here, interrupted by a real SIGINT (what Ctrl-C sends) right after the
+    first block is saved. Sent from inside the save, not by a watcher thread: on a quiet machine
+    the tiny model's whole run can end before a watcher sees the first block."""
+    save = QuantizeProgress.save
+
+    def save_then_ctrl_c(self, index, *rest):
+        save(self, index, *rest)
+        if index == 0:
             os.kill(os.getpid(), signal.SIGINT)
 
-    done = threading.Event()
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        result = CliRunner().invoke(app, [str(a) for a in args])
-    except KeyboardInterrupt:
-        pass
-    else:
-        assert result.exit_code == 130, result.output  # the CLI's answer to Ctrl-C
-    finally:
-        done.set()
-        watcher.join()
-    assert blocks_done(out) >= 1
+    with mock.patch.object(QuantizeProgress, "save", save_then_ctrl_c):
+        try:
+            result = CliRunner().invoke(app, [str(a) for a in args])
+        except KeyboardInterrupt:
+            pass
+        else:
+            assert result.exit_code == 130, result.output  # the CLI's answer to Ctrl-C
+    assert blocks_done(out) == 1
 
 
 def test_interrupted_then_killed_then_resumed_equals_an_uninterrupted_run(deep_model_dir, tmp_path):
