@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
+from .process_owner import alive, owner_tag
 
 
 def check_writable(target: str | Path, overwrite: bool) -> Path:
@@ -109,40 +110,10 @@ def atomic_output_dir(target: str | Path, overwrite: bool, needs: int | None = N
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old|trash)-(?P<pid>\d+)\.(?P<start>\d+)(-.*)?$")
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), "0" where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[19]
-    except (OSError, ValueError, IndexError):
-        return "0"
-
-
-def _owner() -> str:
-    return f"{os.getpid()}.{_start_time(os.getpid())}"
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's live process
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X"):
-            return False  # killed, not yet reaped by its parent
-    except (OSError, ValueError, IndexError):
-        pass
-    now = _start_time(pid)
-    return now == start or now == "0" or start == "0"
-
-
 def temp_sibling(target: str | Path) -> Path:
     """A fresh folder beside `target` to build it in, named as this process's."""
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{owner_tag()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's is private; the folder becomes an ordinary output
@@ -150,7 +121,7 @@ def temp_sibling(target: str | Path) -> Path:
 
 
 def _sibling(target: Path, kind: str) -> Path:
-    return target.with_name(f".{target.name}.{kind}-{_owner()}")
+    return target.with_name(f".{target.name}.{kind}-{owner_tag()}")
 
 
 def discard(folder: str | Path, of: str | Path | None = None) -> None:
@@ -174,7 +145,7 @@ def stale_temporaries(target: str | Path) -> list[Path]:
     found = []
     for p in target.parent.iterdir():
         m = _TEMP.match(p.name)
-        if m and m["name"] == target.name and not _alive(int(m["pid"]), m["start"]):
+        if m and m["name"] == target.name and not alive(int(m["pid"]), m["start"]):
             found.append(p)
     return sorted(found)
 
@@ -185,7 +156,7 @@ def sweep_stale_in(folder: str | Path) -> None:
     folder = Path(folder)
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = _TEMP.match(p.name)
-        if m and not _alive(int(m["pid"]), m["start"]):
+        if m and not alive(int(m["pid"]), m["start"]):
             shutil.rmtree(p, ignore_errors=True)
 
 

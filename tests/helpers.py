@@ -138,3 +138,17 @@ def tiny_finetune_dict(model_dir, out_dir, adapter_dir, **train):
                   "learning_rate": 3e-3, "max_steps": 12, "eval_every": 4, "save_every": 4,
                   "exact_match_examples": 0, "mixed_precision": "no", **train}
     return d
+
+
+def dead_owner() -> str:
+    """The owner tag (pid.start time) of a process that was killed with SIGKILL and reaped."""
+    import signal
+    import subprocess
+
+    from qalora_cli.process_owner import start_time
+
+    p = subprocess.Popen(["sleep", "60"])
+    tag = f"{p.pid}.{start_time(p.pid)}"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return tag

@@ -6,23 +6,14 @@ real process (killed with SIGKILL, reaped) would have left, named as atomic_outp
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 
-from qalora_cli.output_dir import _start_time, atomic_output_dir, check_writable
-
-
-def dead_owner() -> str:
-    """The owner tag (pid.start time) of a process that was killed with SIGKILL."""
-    p = subprocess.Popen(["sleep", "60"])
-    tag = f"{p.pid}.{_start_time(p.pid)}"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    return tag
+from qalora_cli.output_dir import atomic_output_dir, check_writable
+from helpers import dead_owner
+from qalora_cli.process_owner import start_time
 
 
 def mine() -> str:
-    return f"{os.getpid()}.{_start_time(os.getpid())}"
+    return f"{os.getpid()}.{start_time(os.getpid())}"
 
 
 def make(folder, files: dict[str, bytes]):

@@ -18,6 +18,7 @@ from .expand import Instance, expand
 from .metrics import row_metrics, stage_metrics
 from .results import write_results
 from .spec import RecipeSpec, parse_recipe
+from .stage_lock import stage_lock
 
 
 @dataclass
@@ -71,14 +72,18 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None]) -> dict:
     recipe.state.mkdir(parents=True, exist_ok=True)
     measured: dict[str, dict] = {}
     ran = 0
-    for inst, what in plan(recipe):
-        if what == "reuse":
-            measured[inst.name] = json.loads((recipe.state / f"{inst.name}.json").read_text())["metrics"]
-            echo(f"[reuse] {inst.name}")
-            continue
-        echo(f"[{what}] {inst.name}: {inst.spec.run}")
-        measured[inst.name] = _run_instance(recipe, inst, what, echo)
-        ran += 1
+    for inst in recipe.instances:
+        # What to do is decided under the stage's lock, when its turn comes: another run of the
+        # recipe may have finished it meanwhile (pipeline/stage_lock.py).
+        with stage_lock(recipe.state, inst.name, echo):
+            what = status(recipe, inst)
+            if what == "reuse":
+                measured[inst.name] = json.loads((recipe.state / f"{inst.name}.json").read_text())["metrics"]
+                echo(f"[reuse] {inst.name}")
+                continue
+            echo(f"[{what}] {inst.name}: {inst.spec.run}")
+            measured[inst.name] = _run_instance(recipe, inst, what, echo)
+            ran += 1
     rows = results_rows(recipe, measured)
     files = write_results(rows, result_columns(recipe), recipe.spec.results.metrics, recipe.spec.results.x,
                           recipe.spec.description or recipe.source, recipe.root)
