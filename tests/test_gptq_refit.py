@@ -197,3 +197,25 @@ def test_distillation_brings_the_model_closer_to_the_exact_merge(bases, tmp_path
             assert torch.equal(x.codes, y.codes) and torch.equal(x.zeros, y.zeros)
             changed += int((x.scales != y.scales).sum())
     assert changed > 0
+
+
+def test_a_distillation_that_raises_the_heldout_kl_is_not_kept(bases, tmp_path):  # noqa: F811
+    """Two steps of a far too large learning rate throw the scales off: the export keeps the
+    layer-wise refit's scales (equal to an export without distillation) and says so."""
+    outs = {}
+    for steps, lr in ((0, 1e-3), (2, 0.5)):
+        out = tmp_path / f"d{steps}"
+        r = merge_cli(bases["g32"], bases["adapter_g32"], out, "--format", "gptq", *SMALL_REFIT,
+                      "merge.calibration=text", f"merge.distill_steps={steps}", f"merge.distill_lr={lr}")
+        assert r.exit_code == 0, r.output
+        outs[steps] = out
+    report = json.loads((outs[2] / "merge_report.json").read_text())
+    d = report["refit"]["summary"]["distill"]
+    assert d["heldout_kl_after"] > d["heldout_kl_before"] and d["kept"].startswith("refit")
+    assert "the refit's scales were kept" in report["verification"]["verdict"]
+    a, _ = load_quantized(outs[0], dtype=torch.float32)
+    b, _ = load_quantized(outs[2], dtype=torch.float32)
+    for name, mod in b.named_modules():
+        if hasattr(mod, "qzeros"):
+            x, y = mod.quantized_weight(), a.get_submodule(name).quantized_weight()
+            assert torch.equal(x.scales, y.scales) and torch.equal(x.codes, y.codes)

@@ -178,6 +178,8 @@ def _refit_verdict(s: dict) -> str:
     if d and d["heldout_kl_before"] is not None:
         verdict += (f"; then {d['steps']} steps of scale distillation took the held-out KL divergence from the exact "
                     f"merge from {d['heldout_kl_before']:.4f} to {d['heldout_kl_after']:.4f}")
+        if d.get("kept", "distilled") != "distilled":
+            verdict += ", so the refit's scales were kept"
     return verdict
 
 
