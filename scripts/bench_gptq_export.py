@@ -72,23 +72,15 @@ def score_mlx(folder: Path, tok, pairs, examples, dtype: str) -> dict:
     import mlx.core as mx
     import numpy as np
     from mlx_lm import load as mlx_load
-    from mlx_lm.generate import generate_step
 
-    from qalora_cli.data.instruct import adds_bos, bos_prefix
+    from benchlib import mlx_greedy_answer
+    from qalora_cli.data.instruct import adds_bos
     from qalora_cli.eval.exact_match import stop_token_ids
 
     model, _ = mlx_load(str(folder))
     model.set_dtype(getattr(mx, dtype))
     stops, adds = set(stop_token_ids(None, tok)), adds_bos(tok)
-    preds = []
-    for prompt, _ in pairs:
-        ids = bos_prefix(tok, prompt, adds) + tok(prompt, add_special_tokens=False)["input_ids"]
-        out = []
-        for t, _ in generate_step(mx.array(ids), model, max_tokens=48):
-            if int(t) in stops:
-                break
-            out.append(int(t))
-        preds.append(tok.decode(out, skip_special_tokens=True).strip())
+    preds = [mlx_greedy_answer(model, tok, prompt, stops, adds, 48) for prompt, _ in pairs]
     total, n = 0.0, 0
     for ex in examples:
         logits = torch.from_numpy(np.array(model(mx.array([ex.input_ids]))[0].astype(mx.float32)))
