@@ -22,6 +22,20 @@ from helpers import (CHAT_TEMPLATE, make_adapter, make_tiny_llama, make_tokenize
 __all__ = ["CHAT_TEMPLATE", "make_tiny_llama", "make_tokenizer", "text_ids", "tiny_config_dict"]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_handler_unchanged():
+    """A test (or the code it runs in-process) that leaves another SIGINT handler behind makes
+    Ctrl-C do nothing in every later test and for a user's later call: fail the test that did."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the SIGINT handler was left changed: {before!r} -> {after!r}")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Torch on one thread for a module. Tiny models gain nothing from threads (on a shared 2-core
