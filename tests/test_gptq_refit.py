@@ -199,6 +199,19 @@ def test_distillation_brings_the_model_closer_to_the_exact_merge(bases, tmp_path
     assert changed > 0
 
 
+@pytest.mark.parametrize("steps", [1, 4, 16, 64])
+def test_the_warmup_cosine_rate_rises_over_a_quarter_then_falls_towards_zero(steps):
+    from qalora_cli.export.scale_distill import lr_factor
+
+    f = [lr_factor("warmup_cosine", i, steps) for i in range(steps)]
+    warmup = max(1, steps // 4)
+    assert f[:warmup] == [pytest.approx((i + 1) / warmup) for i in range(warmup)]  # up to the full rate
+    assert all(a >= b for a, b in zip(f[warmup - 1:], f[warmup:]))  # then never up again
+    assert all(0 < x <= 1 for x in f) and f[-1] == min(f)  # every step moves, the last least
+    assert steps < 16 or f[-1] < 0.05
+    assert [lr_factor("constant", i, steps) for i in range(steps)] == [1.0] * steps
+
+
 def test_a_distillation_that_raises_the_heldout_kl_is_not_kept(bases, tmp_path):  # noqa: F811
     """Two steps of a far too large learning rate throw the scales off: the export keeps the
     layer-wise refit's scales (equal to an export without distillation) and says so."""

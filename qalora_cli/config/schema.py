@@ -233,6 +233,10 @@ class MergeSection(Section):
                                                     "Holds the exact merge beside the refitted model")
     distill_lr: float = Field(1e-3, gt=0, description="gptq distillation: Adam's step on each scale's relative change")
     distill_batch: int = Field(4, ge=1, description="gptq distillation: calibration windows per step")
+    distill_schedule: Literal["constant", "warmup_cosine"] = Field(
+        "constant", description="gptq distillation: the learning rate over the steps: constant, or warmup_cosine "
+                                "(linear warm-up over the first quarter, then cosine to 0: Adam's first steps move "
+                                "every scale by about the full rate whatever its gradient)")
 
 
 class RunConfig(Section):

@@ -202,7 +202,7 @@ def _distill(student: nn.Module, base: Path, merger: LayerMerger, refitted: dict
             on_block(done, total, "distilling the scales")
     try:
         return distill_scales(student, teacher, refitted, calib, heldout, m.distill_steps, m.distill_lr,
-                              m.distill_batch, seed, on_step=step)
+                              m.distill_batch, seed, on_step=step, schedule=m.distill_schedule)
     finally:
         del teacher
 

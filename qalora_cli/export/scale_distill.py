@@ -12,6 +12,7 @@ refit left it, s = s0 (1 + u), u starting at 0: one learning rate fits layers of
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 
@@ -62,9 +63,19 @@ def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch
     return sum(vals) / windows.shape[0]
 
 
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step `step` (0-based) of `steps`, as a fraction of the set rate."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, steps // 4)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup + 1) / (steps - warmup + 1)))
+
+
 def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, QuantizedWeight],
                    calib: torch.Tensor, heldout: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
-                   on_step=None) -> tuple[dict[str, QuantizedWeight], dict]:
+                   on_step=None, schedule: str = "constant") -> tuple[dict[str, QuantizedWeight], dict]:
     """Tune the scales of `weights` (the layers named in `student`, a dense model holding the
     refitted weights) to match `teacher` (the exact merge). -> (tuned weights, a summary)."""
     t0 = time.perf_counter()
@@ -82,6 +93,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, Qu
     student.eval(), teacher.eval()
     held_before = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
     opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(schedule, step, steps))
     g = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
@@ -92,6 +104,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, Qu
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step + 1, steps)
@@ -109,7 +122,7 @@ def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, Qu
         for m in tuned.values():
             m.u.data.zero_()
     changes = torch.cat([(out[n].scales / weights[n].scales - 1).abs().flatten() for n in out])
-    return out, {"steps": steps, "lr": lr, "batch": batch, "first_loss": losses[0] if losses else None,
+    return out, {"steps": steps, "lr": lr, "schedule": schedule, "batch": batch, "first_loss": losses[0] if losses else None,
                  "last_loss": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
                  "heldout_kl_before": held_before, "heldout_kl_after": held_after, "kept": kept,
                  "mean_rel_scale_change": float(changes.mean()), "seconds": round(time.perf_counter() - t0, 2)}
