@@ -1,7 +1,9 @@
 """`--dry-run` memory plans (qalora_cli/plan): they read configs only (a folder whose weights are
-gone or damaged still plans), write nothing, count the quantized weights of a 70B Llama as the
-arithmetic of its config does, and refuse a missing or damaged config in one line (exit 2).
-The plans against measured peaks on SmolLM2: tests/test_memory_plan_slow.py."""
+gone or damaged still plans), write nothing, count the weights of a 70B Llama as the arithmetic
+of its config does (INT4 packed for QA-LoRA, the 16-bit model of finetune.method lora, NF4 with
+double quantization for qlora, the float32 model of merge --format float), and refuse a missing
+or damaged config in one line (exit 2). The plans against measured peaks on SmolLM2:
+tests/test_memory_plan_slow.py."""
 
 import json
 import shutil
@@ -68,7 +70,9 @@ def test_every_stage_plans_without_reading_weights_and_writes_nothing(tiny_model
     before = tree(tmp_path)
     runs = [["quantize", "--config", cfg], ["finetune", "--config", cfg, "--model", str(base)],
             ["merge", "--config", cfg, "--model", str(base)],
-            ["finetune", "--config", cfg]]  # no checkpoint yet: planned from the model it will be made of
+            ["finetune", "--config", cfg],  # no checkpoint yet: planned from the model it will be made of
+            ["finetune", "--config", cfg, "--method", "lora"], ["finetune", "--config", cfg, "--method", "qlora"],
+            ["merge", "--config", cfg, "--format", "float", "finetune.method=qlora"]]  # no adapter yet
     for args in runs:
         r = runner.invoke(app, [*args, "--dry-run"])
         assert r.exit_code == 0, (args, r.output)
@@ -147,9 +151,98 @@ def test_bad_model_folder_is_one_line_exit_2(tmp_path, case):
         assert "config" in r.output
 
 
-@pytest.mark.parametrize("override", ["finetune.method=lora", "merge.format=float"])
-def test_methods_the_plans_do_not_follow_are_refused_in_one_line(tiny_model_dir, tmp_path, override):
+def llama_70b(tmp_path):
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    return model
+
+
+# a Llama-2-70B by hand: hidden, MLP width, key/value width, blocks, vocabulary
+H, INTER, KV, LAYERS, VOCAB = 8192, 28672, 8 * 128, 80, 32000
+# (in, out) of q, k, v, o, gate, up, down
+BLOCK_LINEARS = [(H, H), (H, KV), (H, KV), (H, H), (H, INTER), (H, INTER), (INTER, H)]
+WEIGHTS = LAYERS * sum(i * o for i, o in BLOCK_LINEARS)
+PARAMS = WEIGHTS + 2 * VOCAB * H + LAYERS * 2 * H + H  # + embeddings, head, norms
+FLOAT_PARAMS = PARAMS - WEIGHTS
+
+
+def lora_params(rank: int) -> int:
+    """PEFT LoRA on every linear layer of the blocks: A [rank, in], B [out, rank]."""
+    return LAYERS * sum(rank * i + o * rank for i, o in BLOCK_LINEARS)
+
+
+def test_70b_lora_finetune_holds_the_16_bit_model_and_float32_adapters(tmp_path):
+    cfg = write_config(tmp_path, llama_70b(tmp_path), lora={"rank": 16}, data={"max_length": 512},
+                       train={"micro_batch_size": 2, "batch_size": 2})
+    plan = plan_json("finetune", "--config", cfg, "--method", "lora")
+    assert plan["settings"].startswith("LoRA rank 16 on the bfloat16 model")
+    assert component(plan, "training step", "16-bit model") == PARAMS * 2
+    assert component(plan, "loading the 16-bit model", "16-bit model") == PARAMS * 2
+    # the adapters, their gradients and AdamW's two states: 16 bytes a float32 parameter
+    assert component(plan, "training step", "adapters, gradients") == 16 * lora_params(16)
+    assert 16 * lora_params(16) / 2**30 == pytest.approx(3.09, abs=0.01)
+    ckpt = plan_json("finetune", "--config", cfg, "--method", "lora", "train.gradient_checkpointing=true")
+    assert component(ckpt, "training step", "block inputs kept") == 2 * 512 * LAYERS * H * 2  # a 16-bit stream
+    assert ckpt["peak_bytes"]["cpu"] < plan["peak_bytes"]["cpu"]
+
+
+def test_70b_qlora_finetune_holds_nf4_with_double_quantization(tmp_path):
+    cfg = write_config(tmp_path, llama_70b(tmp_path), lora={"rank": 16}, data={"max_length": 512},
+                       train={"micro_batch_size": 2, "batch_size": 2})
+    plan = plan_json("finetune", "--config", cfg, "--method", "qlora")
+    assert plan["settings"].startswith("QLoRA (NF4, double quant) rank 16")
+    # 4 bits a weight; an absmax a 64-weight block, in 8 bits; a float32 absmax per 256 of those
+    nf4 = WEIGHTS // 2 + WEIGHTS // 64 + WEIGHTS // 64 // 256 * 4
+    assert nf4 / WEIGHTS == pytest.approx(0.5159, abs=1e-4)
+    model = nf4 + FLOAT_PARAMS * 2  # the output layer, embeddings and norms stay 16-bit
+    got = component(plan, "training step", "NF4 linear layers")
+    assert abs(got - model) / model < 0.01, (got, model)
+    assert component(plan, "training step", "adapters, gradients") == 16 * lora_params(16)
+    lora = plan_json("finetune", "--config", cfg, "--method", "lora")
+    assert plan["peak_bytes"]["cpu"] < lora["peak_bytes"]["cpu"] - PARAMS  # NF4 saves over a byte a weight
+    # qlora loads the 70B from its folder straight into NF4: no 16-bit model is ever held
+    assert not any(ph["name"].startswith("loading the 16-bit") for ph in plan["phases"])
+
+
+def test_70b_float_merge_holds_the_float32_model(tmp_path):
+    cfg = write_config(tmp_path, llama_70b(tmp_path), lora={"rank": 16}, merge={"device": "cpu"})
+    plan = plan_json("merge", "--config", cfg, "--format", "float", "finetune.method=lora")
+    assert "the lora adapter (rank 16) merged into the float32 model" in plan["settings"]
+    assert component(plan, "merging and saving", "float32 model") == PARAMS * 4
+    assert component(plan, "merging and saving", "adapter") == 4 * lora_params(16)
+    assert component(plan, "probing the float model + adapter, unmerged", "float32 model") == PARAMS * 4
+    assert plan["peak_bytes"]["cpu"] > PARAMS * 4
+    qlora = plan_json("merge", "--config", cfg, "--format", "float", "finetune.method=qlora")
+    nf4_probe = "probing the NF4 model + adapter, as trained"  # a qlora adapter's model as trained
+    assert nf4_probe in [ph["name"] for ph in qlora["phases"]]
+    assert nf4_probe not in [ph["name"] for ph in plan["phases"]]
+
+
+def test_float_merge_plans_the_adapter_it_finds(tiny_model_dir, tmp_path):
+    """A PEFT adapter's method, rank and base come from its config files; its weights are not read."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"not read")
+    base = {"method": "qlora", "base": {"name_or_path": str(tiny_model_dir)}, "dtype": "bfloat16",
+            "nf4": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}, "base_sha256": "x"}
+    (adapter / "qalora_base.json").write_text(json.dumps(base))
+    cfg = write_config(tmp_path, tmp_path / "elsewhere", lora={"rank": 64})
+    before = tree(tmp_path)
+    plan = plan_json("merge", "--config", cfg, "--format", "float", "--adapter", str(adapter))
+    assert "the qlora adapter (rank 4)" in plan["settings"] and plan["model"].endswith(tiny_model_dir.name)
+    assert any(ph["name"] == "probing the NF4 model + adapter, as trained" for ph in plan["phases"])
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["a QA-LoRA adapter", "no adapter, finetune.method qalora"])
+def test_float_merge_of_no_peft_adapter_is_refused_in_one_line(tiny_model_dir, tmp_path, case):
+    adapter = tmp_path / "adapter"
+    if case == "a QA-LoRA adapter":
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"rank": 8, "targets": []}))
     cfg = write_config(tmp_path, tiny_model_dir)
-    stage = override.split(".")[0]
-    r = runner.invoke(app, [stage, "--config", cfg, override, "--dry-run"])
-    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "not planned" in r.output, r.output
+    r = runner.invoke(app, ["merge", "--config", cfg, "--format", "float", "--adapter", str(adapter), "--dry-run"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith("error:") and "qlora or lora" in r.output

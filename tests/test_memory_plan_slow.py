@@ -1,9 +1,11 @@
 """The `--dry-run` memory plans against the measured peak RSS of the real stages on SmolLM2-135M
 (CPU): quantize (calibration cut to 16 samples), a 2-step fine-tune on full-length, fully
-labelled sequences (the case the plan describes), and a verified merge; each plan within 25%
-of the peak. The measured runtime constants of qalora_cli/plan/runtime.py are re-measured on the
-tiny model too. Each stage runs in its own process, its peak the process's VmHWM (the whole
-resident set at its peak, the Python + torch runtime included), sampled while it runs.
+labelled sequences (the case the plan describes), and a verified merge; the paper's baselines the
+same way: 2-step lora and qlora fine-tunes (finetune.method) and the verified float merge of the
+qlora adapter; each plan within 25% of the peak. The measured runtime constants of
+qalora_cli/plan/runtime.py are re-measured on the tiny model too. Each stage runs in its own
+process, its peak the process's VmHWM (the whole resident set at its peak, the Python + torch
+runtime included), sampled while it runs.
 
     QALORA_MEMPLAN_FIGURES=FILE OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_memory_plan_slow.py -m slow -s
 """
@@ -77,7 +79,10 @@ def check(name: str, plan: dict, measured: int) -> None:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("memplan")
+    """One folder for the module's runs (SmolLM2's checkpoints and merged models are large: removed at the end)."""
+    folder = tmp_path_factory.mktemp("memplan")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def long_texts(path: Path) -> Path:
@@ -92,7 +97,7 @@ def long_texts(path: Path) -> Path:
     return path
 
 
-def test_runtime_constants_are_the_tiny_models_peaks(tiny_model_dir, work):
+def tiny_config(tiny_model_dir, work) -> str:
     d = tiny_config_dict(tiny_model_dir, work / "tiny-q")
     d.update(lora={"rank": 8, "alpha": 16}, merge={"device": "cpu"},
              data={"source": "builtin", "builtin_size": 160, "max_length": 192, "template": "raw",
@@ -101,10 +106,40 @@ def test_runtime_constants_are_the_tiny_models_peaks(tiny_model_dir, work):
                     "exact_match_examples": 0})
     cfg = work / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(d))
+    return str(cfg)
+
+
+def check_runtime(key: str, args: list[str], log: Path) -> None:
+    measured = peak_rss(args, log)
+    record(f"runtime {key} (tiny model)", RUNTIME_CPU_BYTES[key], measured)
+    assert abs(RUNTIME_CPU_BYTES[key] - measured) <= TOLERANCE * measured
+
+
+def two_full_steps(work: Path) -> list[str]:
+    """2 steps of one micro-batch of 8 x 256 tokens, every one labelled, on the CPU."""
+    data = work / "long.jsonl"
+    if not data.exists():
+        long_texts(data)
+    return ["--data", str(data), "--max-steps", "2", "data.format=prompt_completion", "data.template=raw",
+            "data.max_length=256", "data.eval_max_examples=8", "train.micro_batch_size=8", "train.batch_size=8",
+            "train.exact_match_examples=0", "train.device=cpu"]
+
+
+def test_runtime_constants_are_the_tiny_models_peaks(tiny_model_dir, work):
+    cfg = tiny_config(tiny_model_dir, work)
     for stage in ("quantize", "finetune", "merge"):
-        measured = peak_rss([stage, "--config", str(cfg)], work / f"tiny-{stage}.log")
-        record(f"runtime {stage} (tiny model)", RUNTIME_CPU_BYTES[stage], measured)
-        assert abs(RUNTIME_CPU_BYTES[stage] - measured) <= TOLERANCE * measured
+        check_runtime(stage, [stage, "--config", cfg], work / f"tiny-{stage}.log")
+
+
+def test_peft_runtime_constants_are_the_tiny_models_peaks(tiny_model_dir, work):
+    """finetune.method lora and qlora, and the float merge of the qlora adapter (its verification
+    loads the NF4 model too), on the tiny model."""
+    cfg = tiny_config(tiny_model_dir, work)
+    for method in ("lora", "qlora"):
+        check_runtime(f"finetune {method}", ["finetune", "--config", cfg, "--method", method,
+                                             "-o", str(work / f"tiny-{method}")], work / f"tiny-{method}.log")
+    check_runtime("merge float", ["merge", "--config", cfg, "--format", "float", "--adapter", str(work / "tiny-qlora"),
+                                  "-o", str(work / "tiny-merged-float")], work / "tiny-merge-float.log")
 
 
 def test_smollm2_stages_peak_within_25_percent_of_their_plans(work):
@@ -114,11 +149,7 @@ def test_smollm2_stages_peak_within_25_percent_of_their_plans(work):
     assert not q.exists()  # the dry run wrote nothing
     check("quantize", plan, peak_rss(["quantize", *quantize], work / "quantize.log"))
 
-    data = long_texts(work / "long.jsonl")
-    finetune = [*SMOL, "--model", str(q), "-o", str(adapter), "--data", str(data), "--max-steps", "2",
-                "data.format=prompt_completion", "data.template=raw", "data.max_length=256",
-                "data.eval_max_examples=8", "train.micro_batch_size=8", "train.batch_size=8",
-                "train.exact_match_examples=0", "train.device=cpu"]
+    finetune = [*SMOL, "--model", str(q), "-o", str(adapter), *two_full_steps(work)]
     plan = planned(["finetune", *finetune])
     assert not adapter.exists()
     check("finetune", plan, peak_rss(["finetune", *finetune], work / "finetune.log"))
@@ -127,4 +158,20 @@ def test_smollm2_stages_peak_within_25_percent_of_their_plans(work):
     plan = planned(["merge", *merge])
     assert not merged.exists()
     check("merge", plan, peak_rss(["merge", *merge], work / "merge.log"))
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_smollm2_lora_qlora_and_float_merge_peak_within_25_percent_of_their_plans(work):
+    """The paper's baselines on the float SmolLM2 (the embedded GGUF, dequantized): 2-step lora and
+    qlora fine-tunes, then the qlora adapter merged into the float model and verified."""
+    for method in ("lora", "qlora"):
+        adapter = work / f"smol-{method}"
+        finetune = [*SMOL, "--method", method, "-o", str(adapter), *two_full_steps(work)]
+        plan = planned(["finetune", *finetune])
+        assert not adapter.exists()
+        check(f"finetune {method}", plan, peak_rss(["finetune", *finetune], work / f"finetune-{method}.log"))
+
+    merged = work / "smol-merged-float"
+    merge = [*SMOL, "--format", "float", "--adapter", str(work / "smol-qlora"), "-o", str(merged), "merge.device=cpu"]
+    plan = planned(["merge", *merge])
+    assert not merged.exists() and "the qlora adapter" in plan["settings"]
+    check("merge float (qlora adapter)", plan, peak_rss(["merge", *merge], work / "merge-float.log"))

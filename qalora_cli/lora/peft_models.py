@@ -17,8 +17,11 @@ from safetensors only, never from a pickle.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -164,7 +167,28 @@ def add_lora(model: nn.Module, lora: LoraSection, base_name: str):
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=linear_targets(model, lora.targets), task_type="CAUSAL_LM",
                         base_model_name_or_path=base_name)
+    import_peft_layers_apart(model)
     return get_peft_model(model, config)
+
+
+def import_peft_layers_apart(model: nn.Module) -> None:
+    """PEFT imports GPTQModel's layers the first time it adapts a float model, and GPTQModel keeps
+    the ImportError of an optional dependency (llama_cpp) with its traceback, which holds every
+    frame of the stack that imported it: the model being adapted, a local there, could never be
+    freed (merge --format float kept its first float32 model through the whole verification).
+    Imported first from a thread of its own, the stack it holds is that thread's, with no model
+    in it. PEFT wraps a bitsandbytes layer before it looks for GPTQModel's: for an NF4 model
+    (transformers' is_loaded_in_4bit, which PEFT reads too) it imports nothing, nor does this."""
+    from peft.import_utils import is_gptqmodel_available
+
+    if getattr(model, "is_loaded_in_4bit", False) or "gptqmodel.nn_modules.qlinear" in sys.modules:
+        return
+    if not is_gptqmodel_available():
+        return
+    worker = threading.Thread(target=importlib.import_module, args=("gptqmodel.nn_modules.qlinear",),
+                              name="qalora-import-gptqmodel")
+    worker.start()
+    worker.join()
 
 
 # ----------------------------------------------------------------------------- qalora_base.json
@@ -238,6 +262,7 @@ def attach_peft_adapter(model: nn.Module, adapter_dir: str | Path):
     """-> the PeftModel (eval mode, unmerged) of `model` with the folder's adapter."""
     from peft import PeftModel
 
+    import_peft_layers_apart(model)
     try:
         # read_base_record saw adapter_model.safetensors, which PEFT prefers to any pickle
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()

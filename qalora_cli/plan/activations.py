@@ -1,12 +1,16 @@
 """What the training forward pass keeps for the backward pass, per token, counted tensor by tensor
-from what autograd saves in a Llama-style block (RMSNorm, attention through SDPA, gated MLP) with
-QA-LoRA layers around kernels that keep no input (the weights are frozen, so no weight gradient
-needs one: kernels/torch_quant_linear.py)."""
+from what autograd saves in a Llama-style block (RMSNorm, attention through SDPA, gated MLP) whose
+weights are frozen: a frozen layer keeps no input (no weight gradient needs one; QA-LoRA's
+kernels, kernels/torch_quant_linear.py, nn.Linear and bitsandbytes' Linear4bit alike). Only the
+adapters keep theirs. Checked against the tensors autograd holds (saved_tensors_hooks) on a
+PEFT LoRA and a QLoRA Llama on the CPU, the count below is theirs to the byte (every block but
+the first, whose input needs no gradient and keeps a little less)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .quantized_bytes import groups_of
 from .shapes import ModelShape
 
 
@@ -16,22 +20,37 @@ class Precision:
     compute: int   # bytes of the autocast type the layers compute in (bf16 / fp16: 2; none: the model's)
 
 
-def block_saved_per_token(shape: ModelShape, p: Precision, rank: int, group_size: int, dropout: bool) -> int:
+@dataclass(frozen=True)
+class AdapterInputs:
+    """What each adapter keeps, per input value it reads, until the backward pass."""
+    group_size: int  # input columns averaged into one value (QA-LoRA's pooling); 1: every input (LoRA)
+    kept: int        # bytes of the type A's matmul runs in: it keeps its input and B keeps A's output
+    mask: int        # bytes of dropout's mask per value; 0 without dropout
+
+
+def dropout_mask_bytes(dropout: float, device: str, input_bytes: int) -> int:
+    """CUDA's fused dropout keeps a bool mask; elsewhere at::dropout multiplies the input by a noise
+    tensor of the input's dtype, which autograd keeps."""
+    if dropout <= 0:
+        return 0
+    return 1 if device == "cuda" else input_bytes
+
+
+def block_saved_per_token(shape: ModelShape, p: Precision, rank: int, adapters: AdapterInputs) -> int:
     """Bytes one decoder block keeps per token until the backward pass."""
     h, kv = shape.hidden, shape.kv_heads * shape.head_dim
     q = shape.heads * shape.head_dim
     inter = max(lin.out_features for lin in shape.blocks[0])  # the MLP's width
-    # RMSNorm upcasts to float32 and keeps its float32 input and normalized output (2 norms); a
-    # 16-bit residual stream adds the 16-bit input the upcast came from.
-    norms = 2 * (4 * h + 4 * h + (p.model * h if p.model < 4 else 0))
+    # RMSNorm keeps its input in float32 (a 16-bit stream's upcast copy, or the float32 stream
+    # itself) for pow and the normalizing product; the frozen weight's product keeps nothing
+    norms = 2 * 4 * h
     # SDPA keeps q, k, v (in the compute type) and its output, and one float per head (logsumexp)
     attention = p.compute * (q + 2 * kv + q) + 4 * shape.heads
     # SiLU keeps the gate, the product keeps SiLU's output and the up projection
     mlp = 3 * p.compute * inter
-    # each adapter keeps its pooled input (one value per group; plus dropout's mask) and A's output
-    adapters = sum((lin.in_features // group_size if group_size > 0 else 1) * (p.compute + (1 if dropout else 0))
-                   + rank * p.compute for lin in shape.blocks[0])
-    return norms + attention + mlp + adapters
+    a = adapters
+    kept = sum(groups_of(lin, a.group_size) * (a.kept + a.mask) + rank * a.kept for lin in shape.blocks[0])
+    return norms + attention + mlp + kept
 
 
 def boundary_per_token(shape: ModelShape, p: Precision) -> int:

@@ -1,5 +1,7 @@
 """`--dry-run` on quantize, finetune and merge: find the model's shape the way the stage would
-find its model, plan the stage's memory, print it. Nothing is loaded but configs, nothing written."""
+find its model, plan the stage's memory, print it. Nothing is loaded but configs, nothing written.
+Every method is planned: finetune.method qalora, lora, qlora; merge --format qalora, gptq, gguf,
+mlx and float."""
 
 from __future__ import annotations
 
@@ -15,25 +17,14 @@ from .shapes import ModelShape, checkpoint_shape, source_shape
 
 
 def plan_stage(stage: str, cfg: RunConfig) -> StagePlan:
-    from .finetune_plan import plan_finetune
-    from .merge_plan import plan_merge
     from .quantize_plan import plan_quantize
 
     if stage == "quantize":
         return plan_quantize(cfg, source_shape(cfg.model))
-    _check_planned(stage, cfg)
     if stage == "finetune":
-        from ..recipes.finetune import run_paths
-
-        shape, note = _quantized_shape(cfg, run_paths(cfg)[0])
-        plan = plan_finetune(cfg, shape, *bits_and_group(shape, cfg.quantize.bits, cfg.quantize.group_size))
+        plan, note = _finetune(cfg)
     elif stage == "merge":
-        from ..recipes.merge import merge_paths
-
-        base, adapter, _ = merge_paths(cfg)
-        shape, note = _quantized_shape(cfg, base)
-        bits, group = bits_and_group(shape, cfg.quantize.bits, cfg.quantize.group_size)
-        plan = plan_merge(cfg, shape, bits, group, _adapter_rank(adapter, cfg.lora.rank))
+        plan, note = _float_merge(cfg) if cfg.merge.format == "float" else _merge(cfg)
     else:
         raise ValueError(f"no memory plan for the stage '{stage}'")
     if note:
@@ -41,15 +32,48 @@ def plan_stage(stage: str, cfg: RunConfig) -> StagePlan:
     return plan
 
 
-def _check_planned(stage: str, cfg: RunConfig) -> None:
-    """The plans follow QA-LoRA's code paths; the float baselines (finetune.method qlora, lora and
-    their float merge) hold other things, which are not planned."""
-    finetune = getattr(cfg, "finetune", None)
-    method = getattr(finetune, "method", "qalora")
-    if stage == "finetune" and method != "qalora":
-        raise UserError(f"--dry-run plans finetune.method qalora; {method} is not planned")
-    if stage == "merge" and cfg.merge.format == "float":
-        raise UserError("--dry-run plans the merges of a QA-LoRA adapter; merge.format float is not planned")
+def _finetune(cfg: RunConfig) -> tuple[StagePlan, str | None]:
+    """QA-LoRA trains on the quantized checkpoint; lora and qlora on the model section's float model."""
+    from ..recipes.finetune import run_paths
+    from .finetune_plan import plan_finetune
+    from .peft_plan import plan_peft_finetune
+
+    if cfg.finetune.method != "qalora":
+        return plan_peft_finetune(cfg, source_shape(cfg.model)), None
+    shape, note = _quantized_shape(cfg, run_paths(cfg)[0])
+    return plan_finetune(cfg, shape, *bits_and_group(shape, cfg.quantize.bits, cfg.quantize.group_size)), note
+
+
+def _merge(cfg: RunConfig) -> tuple[StagePlan, str | None]:
+    from ..recipes.merge import merge_paths
+    from .merge_plan import plan_merge
+
+    base, adapter, _ = merge_paths(cfg)
+    shape, note = _quantized_shape(cfg, base)
+    bits, group = bits_and_group(shape, cfg.quantize.bits, cfg.quantize.group_size)
+    return plan_merge(cfg, shape, bits, group, _adapter_rank(adapter, cfg.lora.rank)), note
+
+
+def _float_merge(cfg: RunConfig) -> tuple[StagePlan, str | None]:
+    """The adapter's own base, method and rank (its qalora_base.json and adapter_config.json, no
+    weights) when it exists; before it does, the config's model, finetune.method and lora.rank."""
+    from ..export.float_merge import float_merge_paths
+    from ..lora.peft_models import is_peft_adapter, read_base_record
+    from .float_merge_plan import plan_float_merge
+
+    adapter = float_merge_paths(cfg)[0]
+    if is_peft_adapter(adapter):
+        record, model = read_base_record(adapter)
+        method, rank, note = record["method"], _adapter_rank(adapter, cfg.lora.rank, key="r"), None
+    elif adapter.exists():
+        raise UserError(f"--format float merges a qlora or lora (PEFT) adapter; '{adapter}' is not one")
+    elif cfg.finetune.method == "qalora":
+        raise UserError(f"--format float merges a qlora or lora adapter: '{adapter}' does not exist yet and "
+                        "finetune.method is qalora; set finetune.method lora or qlora to plan it")
+    else:
+        model, method, rank = cfg.model, cfg.finetune.method, cfg.lora.rank
+        note = f"'{adapter}' does not exist yet: planned for a {method} adapter of rank {rank} as the config says"
+    return plan_float_merge(cfg, source_shape(model), method, rank, model.dtype), note
 
 
 def _quantized_shape(cfg: RunConfig, base: Path) -> tuple[ModelShape, str | None]:
@@ -62,10 +86,11 @@ def _quantized_shape(cfg: RunConfig, base: Path) -> tuple[ModelShape, str | None
                    f"g{cfg.quantize.group_size} as the config says")
 
 
-def _adapter_rank(adapter: Path, default: int) -> int:
-    """The adapter's rank from its adapter_config.json when it exists (a config, not weights)."""
+def _adapter_rank(adapter: Path, default: int, key: str = "rank") -> int:
+    """The adapter's rank from its adapter_config.json when it exists (a config, not weights):
+    `rank` in a QA-LoRA adapter's, `r` in a PEFT adapter's."""
     try:
-        rank = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("rank")
+        rank = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return default
     return rank if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else default

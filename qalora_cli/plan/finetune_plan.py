@@ -1,4 +1,5 @@
-"""The memory of `qalora finetune` (finetune.method qalora: recipes/finetune.py, train/, lora/).
+"""The memory of `qalora finetune` (finetune.method qalora: recipes/finetune.py, train/, lora/);
+the training and evaluation phases are every method's (lora and qlora: peft_plan.py).
 
 The quantized model sits on the training device as packed buffers, with the float parts
 (embeddings, norms, output layer) in the model's type: float32 on the CPU, where autocast
@@ -9,14 +10,32 @@ data.max_length tokens long and labelled (packed data), fewer labelled tokens ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from ..config.schema import RunConfig
 from ..errors import UserError
-from .activations import Precision, block_saved_per_token, boundary_per_token, logits_bytes
+from .activations import (AdapterInputs, Precision, block_saved_per_token, boundary_per_token,
+                          dropout_mask_bytes, logits_bytes)
 from .budget import Phase, StagePlan
 from .devices import planned_device
 from .quantized_bytes import float_part_bytes, groups_of, packed_model_bytes
 from .runtime import add_allocator_margin, add_gpu_context, add_runtime
 from .shapes import ModelShape
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """What a finetune.method puts on the training device, as the training and evaluation phases
+    count it (the loop, loss and evaluation are the same for every method: train/loop.py)."""
+    runtime: str          # its key in plan/runtime.py
+    model_label: str
+    model_bytes: int
+    adapter_params: int   # float32 A and B of every adapter
+    precision: Precision
+    adapters: AdapterInputs  # what each adapter keeps in training (dropout on)
+    weight_work_label: str
+    weight_work: int      # a frozen layer's weight rebuilt for its matmul (the largest layer's)
+    autocast_copies: bool = False  # autocast caches 16-bit copies of the adapters (nn.Linear under autocast)
 
 
 def precision(cfg: RunConfig, dev: str) -> Precision:
@@ -30,17 +49,33 @@ def precision(cfg: RunConfig, dev: str) -> Precision:
 
 
 def plan_finetune(cfg: RunConfig, shape: ModelShape, bits: int, group_size: int) -> StagePlan:
-    t, d = cfg.train, cfg.data
-    dev = planned_device(t.device)
+    dev = planned_device(cfg.train.device)
+    trainee = _qalora_trainee(cfg, shape, dev, bits, group_size)
+    phases = [_load(cfg, shape, bits, group_size, trainee.precision), *device_phases(cfg, shape, dev, trainee)]
+    add_allocator_margin(phases)
+    settings = (f"QA-LoRA rank {cfg.lora.rank} on INT{bits} g{group_size}, " + batch_settings(cfg) + f", on {dev}")
+    return StagePlan("finetune", shape.source, settings, phases)
+
+
+def batch_settings(cfg: RunConfig) -> str:
+    t = cfg.train
+    return (f"micro-batch {t.micro_batch_size} x {cfg.data.max_length} tokens, gradient checkpointing "
+            f"{'on' if t.gradient_checkpointing else 'off'}")
+
+
+def device_phases(cfg: RunConfig, shape: ModelShape, dev: str, trainee: Trainee) -> list[Phase]:
+    """The training step and the held-out evaluation, for any method."""
+    return [_training(cfg, shape, dev, trainee), _evaluation(cfg, shape, dev, trainee)]
+
+
+def _qalora_trainee(cfg: RunConfig, shape: ModelShape, dev: str, bits: int, group_size: int) -> Trainee:
     p = precision(cfg, dev)
     model = packed_model_bytes(shape, bits, group_size, p.model) + float_part_bytes(shape, p.model)
-    phases = [_load(cfg, shape, bits, group_size, p), _training(cfg, shape, dev, p, model, group_size),
-              _evaluation(cfg, shape, dev, p, model, group_size)]
-    add_allocator_margin(phases)
-    settings = (f"QA-LoRA rank {cfg.lora.rank} on INT{bits} g{group_size}, micro-batch {t.micro_batch_size} x "
-                f"{d.max_length} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}, "
-                f"on {dev}")
-    return StagePlan("finetune", shape.source, settings, phases)
+    # the pooled input is in the model's type (its dropout's noise too); autocast casts it for A
+    adapters = AdapterInputs(group_size, p.compute, dropout_mask_bytes(cfg.lora.dropout, dev, p.model))
+    return Trainee("finetune", "quantized model (packed layers, float embeddings/norms/head)", model,
+                   adapter_params(shape, cfg.lora.rank, group_size), p, adapters,
+                   "weight rebuilt for the largest layer's matmul (torch kernel)", _rebuilt_weight(cfg, shape, dev))
 
 
 def checkpoint_bytes(shape: ModelShape, bits: int, group_size: int) -> int:
@@ -78,13 +113,14 @@ def _load(cfg: RunConfig, shape: ModelShape, bits: int, group_size: int, p: Prec
 
 
 def adapter_params(shape: ModelShape, rank: int, group_size: int) -> int:
-    """A [rank, groups] and B [out, rank] of every quantized layer (lora/qalora_linear.py)."""
+    """A [rank, groups] and B [out, rank] of every quantized layer (lora/qalora_linear.py); with
+    group_size 1, PEFT LoRA's A [rank, in] and B [out, rank]."""
     return sum(rank * groups_of(lin, group_size) + lin.out_features * rank for lin in shape.linears())
 
 
-def _device_base(cfg: RunConfig, shape: ModelShape, dev: str, model: int, name: str) -> Phase:
-    ph = add_gpu_context(add_runtime(Phase(name), "finetune"), dev)
-    ph.add("quantized model (packed layers, float embeddings/norms/head)", dev, model)
+def _device_base(trainee: Trainee, dev: str, name: str) -> Phase:
+    ph = add_gpu_context(add_runtime(Phase(name), trainee.runtime), dev)
+    ph.add(trainee.model_label, dev, trainee.model_bytes)
     return ph
 
 
@@ -95,13 +131,13 @@ def _rebuilt_weight(cfg: RunConfig, shape: ModelShape, dev: str) -> int:
     return 0 if fused else 18 * shape.largest(lambda lin: lin.weights).weights
 
 
-def _training(cfg: RunConfig, shape: ModelShape, dev: str, p: Precision, model: int, group_size: int) -> Phase:
-    t, lora = cfg.train, cfg.lora
+def _training(cfg: RunConfig, shape: ModelShape, dev: str, trainee: Trainee) -> Phase:
+    t, p, params = cfg.train, trainee.precision, trainee.adapter_params
     tokens = t.micro_batch_size * cfg.data.max_length
-    ph = _device_base(cfg, shape, dev, model, "training step")
-    params = adapter_params(shape, lora.rank, group_size)
+    ph = _device_base(trainee, dev, "training step")
     ph.add(f"adapters, gradients, AdamW states ({params / 1e6:.3g}M parameters, float32)", dev, 16 * params)
-    per_block = block_saved_per_token(shape, p, lora.rank, group_size, lora.dropout > 0)
+    ph.add("the adapters' 16-bit copies, cached by autocast", dev, 2 * params if trainee.autocast_copies else 0)
+    per_block = block_saved_per_token(shape, p, cfg.lora.rank, trainee.adapters)
     if t.gradient_checkpointing:
         ph.add(f"block inputs kept for recomputation ({tokens} tokens)", dev,
                tokens * shape.layers * boundary_per_token(shape, p))
@@ -111,18 +147,19 @@ def _training(cfg: RunConfig, shape: ModelShape, dev: str, p: Precision, model: 
                tokens * shape.layers * per_block)
     ph.add(f"logits and loss over the vocabulary ({tokens} x {shape.vocab})", dev,
            logits_bytes(tokens, shape.vocab, p, training=True))
-    ph.add("weight rebuilt for the largest layer's matmul (torch kernel)", dev, _rebuilt_weight(cfg, shape, dev))
+    ph.add(trainee.weight_work_label, dev, trainee.weight_work)
     return ph
 
 
-def _evaluation(cfg: RunConfig, shape: ModelShape, dev: str, p: Precision, model: int, group_size: int) -> Phase:
-    """train/loop.evaluate: no gradients, 2 x micro_batch_size rows per forward."""
-    t, lora = cfg.train, cfg.lora
-    tokens = 2 * t.micro_batch_size * cfg.data.max_length
-    ph = _device_base(cfg, shape, dev, model, "held-out evaluation")
-    ph.add("adapters and AdamW states", dev, 12 * adapter_params(shape, lora.rank, group_size))
+def _evaluation(cfg: RunConfig, shape: ModelShape, dev: str, trainee: Trainee) -> Phase:
+    """train/loop.evaluate: no gradients, no dropout, 2 x micro_batch_size rows per forward."""
+    p = trainee.precision
+    tokens = 2 * cfg.train.micro_batch_size * cfg.data.max_length
+    ph = _device_base(trainee, dev, "held-out evaluation")
+    ph.add("adapters and AdamW states", dev, 12 * trainee.adapter_params)
     ph.add(f"logits and loss over the vocabulary ({tokens} x {shape.vocab})", dev,
            logits_bytes(tokens, shape.vocab, p, training=False))
-    ph.add("one block's activations", dev, tokens * block_saved_per_token(shape, p, lora.rank, group_size, False))
-    ph.add("weight rebuilt for the largest layer's matmul (torch kernel)", dev, _rebuilt_weight(cfg, shape, dev))
+    ph.add("one block's activations", dev,
+           tokens * block_saved_per_token(shape, p, cfg.lora.rank, replace(trainee.adapters, mask=0)))
+    ph.add(trainee.weight_work_label, dev, trainee.weight_work)
     return ph

@@ -32,7 +32,7 @@ def plan_merge(cfg: RunConfig, shape: ModelShape, bits: int, group_size: int, ra
         phases += [load_phase("merge", cfg, shape, bits, group_size, packed),
                    _verify(cfg, shape, dev, packed + float_part_bytes(shape, 4), rank, group_size)]
     if m.verify and m.format == "gguf":
-        phases.append(_gguf_reload(shape, dev))
+        phases.append(_gguf_reload(cfg, shape, dev))
     if m.format == "mlx":
         notes.append("merge.format mlx: mlx-lm probes the output in its own memory, not counted here")
     if m.format == "gptq" and m.rounding != "nearest":
@@ -53,23 +53,35 @@ def _stream(shape: ModelShape, bits: int, rank: int, group_size: int) -> Phase:
 
 
 def _verify(cfg: RunConfig, shape: ModelShape, dev: str, model: int, rank: int, group_size: int) -> Phase:
-    m = cfg.merge
     p = add_gpu_context(add_runtime(Phase("verification"), "merge"), dev)
     p.add("unmerged or merged model (float32 scales, zeros, embeddings)", dev, model)
     p.add("adapter (float32)", dev, 4 * adapter_params(shape, rank, group_size))
     dense = shape.linear_weights * 4
     p.add("every layer's rebuilt float32 weight, kept while probing (when under 4 GiB)", dev,
           dense if dense <= WEIGHT_CACHE_BUDGET else 0)
-    # logits of every prompt position, float32, for the unmerged model (kept) and the merged one
-    p.add(f"probe logits ({m.verify_prompts} prompts x {m.verify_tokens} tokens, both models)", "cpu",
-          2 * m.verify_prompts * m.verify_tokens * shape.vocab * 4)
-    if m.ppl_tokens:  # eval/perplexity.py: a batch's logits are made while the last batch's are still held
+    return add_probe_outputs(p, cfg, shape, dev, models=2)  # the unmerged model's kept, the merged one's
+
+
+def add_probe_logits(p: Phase, cfg: RunConfig, shape: ModelShape, models: int) -> Phase:
+    """export/verify.run_probe's logits of every prompt position (float32, on the CPU) for
+    `models` models: the first model's are kept while the next one runs."""
+    m = cfg.merge
+    what = "both models" if models == 2 else "one model"
+    return p.add(f"probe logits ({m.verify_prompts} prompts x {m.verify_tokens} tokens, {what})", "cpu",
+                 models * m.verify_prompts * m.verify_tokens * shape.vocab * 4)
+
+
+def add_probe_outputs(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, models: int) -> Phase:
+    """The probe's logits, and its perplexity's on `dev`: eval/perplexity.py makes a batch's logits
+    while the last batch's are still held, then one row's log-softmax."""
+    add_probe_logits(p, cfg, shape, models)
+    if cfg.merge.ppl_tokens:
         p.add(f"perplexity logits (2 batches of {PPL_BATCH} x {PPL_SEQ} tokens) and one row's log-softmax", dev,
               (2 * PPL_BATCH + 1) * PPL_SEQ * shape.vocab * 4)
     return p
 
 
-def _gguf_reload(shape: ModelShape, dev: str) -> Phase:
+def _gguf_reload(cfg: RunConfig, shape: ModelShape, dev: str) -> Phase:
     """merge --format gguf is verified on the GGUF as its users load it: transformers dequantizes
     it into a float32 model (recipes/merge.load_merged)."""
     p = add_gpu_context(add_runtime(Phase("verification of the GGUF"), "merge"), dev)
@@ -77,6 +89,4 @@ def _gguf_reload(shape: ModelShape, dev: str) -> Phase:
     p.add("merged GGUF file, mapped while read", "cpu", shape.linear_weights * 20 // 32 + shape.float_params * 2)
     p.add("GGUF dequantized to a float32 model", dev, shape.total_params * 4)
     p.add("largest tensor dequantized to float32", "cpu", shape.vocab * shape.hidden * 4)
-    p.add(f"perplexity logits (2 batches of {PPL_BATCH} x {PPL_SEQ} tokens) and one row's log-softmax", dev,
-          (2 * PPL_BATCH + 1) * PPL_SEQ * shape.vocab * 4)
-    return p
+    return add_probe_outputs(p, cfg, shape, dev, models=2)

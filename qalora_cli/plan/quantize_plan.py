@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..config.schema import RunConfig
 from .budget import Phase, StagePlan
 from .devices import DTYPE_BYTES, planned_device
+from .float_model import add_float_model
 from .quantized_bytes import groups_of, packed_model_bytes
 from .runtime import add_allocator_margin, add_gpu_context, add_runtime
 from .shapes import ModelShape
@@ -29,12 +30,7 @@ def plan_quantize(cfg: RunConfig, shape: ModelShape) -> StagePlan:
 
 
 def _load(shape: ModelShape, md: int) -> Phase:
-    p = add_runtime(Phase("loading the float model"), "quantize")
-    p.add(f"float model, {shape.total_params / 1e9:.3g}B parameters", "cpu", shape.total_params * md)
-    if shape.gguf:  # transformers maps the file and dequantizes it tensor by tensor, to float32
-        p.add("GGUF file, mapped while read", "cpu", shape.weight_file_bytes)
-        p.add("largest tensor dequantized to float32", "cpu", shape.vocab * shape.hidden * 4)
-    return p
+    return add_float_model(add_runtime(Phase("loading the float model"), "quantize"), shape, md)
 
 
 def _stats(p: Phase, cfg: RunConfig, shape: ModelShape) -> Phase:

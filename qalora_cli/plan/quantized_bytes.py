@@ -37,3 +37,24 @@ def bits_and_group(shape: ModelShape, fallback_bits: int, fallback_group: int) -
     """A checkpoint's bits and group size, or the config's when the model is not quantized yet."""
     q = shape.quantization or {}
     return int(q.get("bits", fallback_bits)), int(q.get("group_size", fallback_group))
+
+
+# bitsandbytes 4-bit as finetune.method qlora loads it (lora/peft_models._nf4_config: NF4, double
+# quantization, the blocksize left at bitsandbytes' 64): one absmax per 64 weights, and with double
+# quantization those absmax are themselves quantized to 8 bits, a float32 absmax per 256 of them.
+NF4_BLOCK, NF4_ABSMAX_BLOCK = 64, 256
+
+
+def nf4_layer_bytes(lin: LinearShape, half_bytes: int) -> int:
+    """A Linear4bit: 4-bit codes (two a byte), the 8-bit absmax of each block, the float32 absmax
+    of each 256 blocks; the bias stays in the 16-bit type. The code tables are shared by all layers."""
+    blocks = -(-lin.weights // NF4_BLOCK)
+    absmax_blocks = -(-blocks // NF4_ABSMAX_BLOCK)
+    bias = lin.out_features * half_bytes if lin.bias else 0
+    return -(-lin.weights // 2) + blocks + 4 * absmax_blocks + bias
+
+
+def nf4_model_bytes(shape: ModelShape, half_bytes: int) -> int:
+    """Every linear layer of the decoder blocks in NF4 (transformers keeps the output layer, the
+    embeddings and the norms in the 16-bit type)."""
+    return sum(nf4_layer_bytes(lin, half_bytes) for lin in shape.linears())

@@ -23,11 +23,17 @@ from .budget import Phase
 
 MIB = 1 << 20
 
-# Peak RSS (bytes) of each stage on the tiny model.
+# Peak RSS (bytes) of each stage on the tiny model. The PEFT baselines import more: peft, whose
+# get_peft_model imports GPTQModel to look for its layers (about 170 MiB here), and bitsandbytes:
+# finetune.method lora and qlora, and merge --format float (of a qlora adapter, whose verification
+# loads the NF4 model too). Measured on 2026-11-30 as the others.
 RUNTIME_CPU_BYTES = {
     "quantize": 537 * MIB,
     "finetune": 607 * MIB,
     "merge": 522 * MIB,
+    "finetune lora": 816 * MIB,
+    "finetune qlora": 657 * MIB,
+    "merge float": 754 * MIB,
 }
 
 # A CUDA process's context (kernels, cuBLAS workspaces), which torch's allocator statistics do not

@@ -41,6 +41,7 @@ class ModelShape:
     weight_file_bytes: int = 0          # size of the stored weights (stat, never read); 0: unknown
     largest_file_bytes: int = 0         # the largest weight file (shard) among them
     gguf: bool = False                  # the weights come from a GGUF file (dequantized at load)
+    stored_dtype_bytes: int = 0         # bytes a weight of the stored files (config's dtype); 0: unknown
 
     @property
     def layers(self) -> int:
@@ -119,7 +120,16 @@ def shape_of(config, source: str, file_bytes: tuple[int, int] = (0, 0), gguf: bo
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         tied=_is_tied(model), quantization=quantization, weight_file_bytes=file_bytes[0],
-        largest_file_bytes=file_bytes[1], gguf=gguf)
+        largest_file_bytes=file_bytes[1], gguf=gguf, stored_dtype_bytes=_stored_dtype_bytes(config))
+
+
+def _stored_dtype_bytes(config) -> int:
+    """The dtype config.json says the weights are stored in (`dtype`, `torch_dtype` before
+    transformers 5), in bytes; 0 when it says none."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 0
 
 
 def _is_tied(model: nn.Module) -> bool:
