@@ -5,15 +5,14 @@ real process (killed with SIGKILL, reaped) would have left, named as atomic_outp
 
 from __future__ import annotations
 
-import os
 
 from qalora_cli.output_dir import atomic_output_dir, check_writable
 from helpers import dead_owner
-from qalora_cli.process_owner import start_time
+from qalora_cli.process_owner import owner_tag
 
 
 def mine() -> str:
-    return f"{os.getpid()}.{start_time(os.getpid())}"
+    return owner_tag()
 
 
 def make(folder, files: dict[str, bytes]):
