@@ -104,6 +104,21 @@ def merge(config: str, name: str, fmt: str, overrides: list[str], out: Path) -> 
             "refit": (report.get("refit") or {}).get("summary"), "seconds": report.get("seconds")}
 
 
+QUANTIZE_TIMING = "quantize the base again (timing only)"
+
+
+def time_quantize(config: str, overrides: list[str]) -> dict:
+    """`qalora quantize` of the base as it was made, into a scratch folder: its wall time."""
+    out = ROOT / f"out/bench/quantize-timing-{Path(config).stem}"
+    t0 = time.perf_counter()
+    r = subprocess.run([QALORA, "quantize", "--config", config, "--output", str(out), "--overwrite",
+                        "quantize.device=cpu", *overrides], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"quantize failed: {r.stderr.strip().splitlines()[-1]}")
+    report = json.loads((out / "quantize_report.json").read_text())
+    return {"wall_s": round(time.perf_counter() - t0, 1), "seconds": report.get("seconds"), "overrides": overrides}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -115,6 +130,9 @@ def main() -> None:
     p.add_argument("--mlx-compute", default="float32", help="the dtype mlx-lm computes an mlx variant in")
     p.add_argument("--peer", action="append", default=[], help="a gptq variant to score again as transformers + "
                                                               "GPTQModel load it")
+    p.add_argument("--time-quantize", metavar="OVERRIDES", help="first quantize the base again with the config "
+                   "and these comma-separated overrides (its recorded settings), timed in the same run as the merges: "
+                   "the cost they are compared with")
     args = p.parse_args()
     quiet_library_logs()
     cfg = load_config(args.config, [])
@@ -132,6 +150,9 @@ def main() -> None:
     def save():
         out_json.write_text(json.dumps(results, indent=1) + "\n")
 
+    if args.time_quantize is not None and QUANTIZE_TIMING not in results:
+        results[QUANTIZE_TIMING] = time_quantize(args.config, [o for o in args.time_quantize.split(",") if o])
+        save()
     for name, make in (("base (no adapter)", lambda: load_quantized(base, "cpu", torch.float32)[0]),
                        ("unmerged", lambda: unmerged_model(base, adapter, "cpu"))):
         if name not in results:
@@ -164,19 +185,25 @@ def print_table(results: dict, base: Path) -> None:
     b, u = results["base (no adapter)"], results["unmerged"]
     gain = b["answer_loss"] - u["answer_loss"]
     quant_s = json.loads((base / "quantize_report.json").read_text())["seconds"]["total"]
-    print(f"quantization of the base: {quant_s:.0f} s")
+    print(f"quantization of the base, as it was made: {quant_s:.0f} s")
+    if QUANTIZE_TIMING in results:
+        print(f"quantization of the base again, in this run: {results[QUANTIZE_TIMING]['wall_s']:.0f} s")
     print("| model | exact match | = unmerged | answer loss | gain kept | ppl | logit diff / max | "
-          "codes / scales changed | merge s (refit s) | size MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "codes / scales changed | held-out KL (refit -> distilled) | merge s (refit s, distill s) | size MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
+        if name == QUANTIZE_TIMING:
+            continue
         same = sum(a == c for a, c in zip(r["answers"], u["answers"]))
         kept = (b["answer_loss"] - r["answer_loss"]) / gain if gain else float("nan")
         v = r.get("verification") or {}
         rr = r.get("refit") or {}
+        d = rr.get("distill") or {}
         changed = f"{100 * rr['codes_changed_share']:.2f}% / {100 * rr['scales_changed_share']:.0f}%" if rr else "-"
+        kl = f"{d['heldout_kl_before']:.4f} -> {d['heldout_kl_after']:.4f}" if d.get("heldout_kl_before") else "-"
         print(f"| {name} | {100 * r['exact_match']:.1f}% | {same}/{len(u['answers'])} | {r['answer_loss']:.4f} | "
-              f"{100 * kept:.1f}% | {r['ppl']:.3f} | {v.get('relative', float('nan')):.2e} | {changed} | "
-              f"{r.get('wall_s', '-')} ({rr.get('seconds', '-')}) | {r.get('size_mb', '-')} |")
+              f"{100 * kept:.1f}% | {r['ppl']:.3f} | {v.get('relative', float('nan')):.2e} | {changed} | {kl} | "
+              f"{r.get('wall_s', '-')} ({rr.get('seconds', '-')}, {d.get('seconds', '-')}) | {r.get('size_mb', '-')} |")
 
 
 if __name__ == "__main__":

@@ -79,19 +79,47 @@ def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, Qu
     """Tune the scales of `weights` (the layers named in `student`, a dense model holding the
     refitted weights) to match `teacher` (the exact merge). -> (tuned weights, a summary)."""
     t0 = time.perf_counter()
+    tuned = _install_tunable(student, weights)
+    student.eval(), teacher.eval()
+    held_before = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
+    losses = _train(student, teacher, tuned, calib, steps, lr, batch, seed, schedule, on_step)
+    out = {name: m.result() for name, m in tuned.items()}
+    for name, m in tuned.items():  # evaluate what will be written: fp16 scales
+        m.u.data = out[name].scales.to(m.s0.device) / m.s0 - 1
+    held_after = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
+    kept = "distilled"
+    if held_after is not None and held_after > held_before:
+        # Few steps of Adam can leave every scale a noisy step away (16 steps on SmolLM2 INT4 took
+        # the KL from 0.0307 to 0.0345): the export is never made worse than the refit it started from.
+        out, kept = dict(weights), "refit (the distillation raised the held-out KL)"
+        for m in tuned.values():
+            m.u.data.zero_()
+    changes = torch.cat([(out[n].scales / weights[n].scales - 1).abs().flatten() for n in out])
+    return out, {"steps": steps, "lr": lr, "schedule": schedule, "batch": batch, "first_loss": losses[0] if losses else None,
+                 "last_loss": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
+                 "heldout_kl_before": held_before, "heldout_kl_after": held_after, "kept": kept,
+                 "mean_rel_scale_change": float(changes.mean()), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _install_tunable(student: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, ScaleTunedLinear]:
+    """Put a ScaleTunedLinear in place of each named layer; only their scale changes train."""
     device = next(student.parameters()).device
     tuned = {}
     for name, qw in weights.items():
-        old = student.get_submodule(name)
-        tuned[name] = ScaleTunedLinear(qw, old.bias).to(device)
+        tuned[name] = ScaleTunedLinear(qw, student.get_submodule(name).bias).to(device)
         set_module(student, name, tuned[name])
     for p in student.parameters():
         p.requires_grad_(False)
+    return tuned
+
+
+def _train(student: nn.Module, teacher: nn.Module, tuned: dict[str, ScaleTunedLinear], calib: torch.Tensor,
+           steps: int, lr: float, batch: int, seed: int, schedule: str, on_step) -> list[float]:
+    """Adam on the scale changes, KL to the teacher on random calibration windows. -> the losses."""
+    device = next(student.parameters()).device
     params = [m.u for m in tuned.values()]
     for p in params:
         p.requires_grad_(True)
-    student.eval(), teacher.eval()
-    held_before = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(schedule, step, steps))
     g = torch.Generator().manual_seed(seed)
@@ -110,20 +138,4 @@ def distill_scales(student: nn.Module, teacher: nn.Module, weights: dict[str, Qu
             on_step(step + 1, steps)
     for p in params:
         p.requires_grad_(False)
-    out = {name: m.result() for name, m in tuned.items()}
-    for name, m in tuned.items():  # evaluate what will be written: fp16 scales
-        m.u.data = out[name].scales.to(device) / m.s0 - 1
-    held_after = mean_kl(student, teacher, heldout, batch) if heldout.shape[0] else None
-    kept = "distilled"
-    if held_after is not None and held_after > held_before:
-        # Few steps of Adam can leave every scale a noisy step away (16 steps on SmolLM2 INT4 took
-        # the KL from 0.0307 to 0.0345): the export is never made worse than the refit it started from.
-        out, kept = dict(weights), "refit (the distillation raised the held-out KL)"
-        for m in tuned.values():
-            m.u.data.zero_()
-    changes = torch.cat([(out[n].scales / weights[n].scales - 1).abs().flatten() for n in out])
-    return out, {"steps": steps, "lr": lr, "schedule": schedule, "batch": batch, "first_loss": losses[0] if losses else None,
-                 "last_loss": sum(losses[-8:]) / len(losses[-8:]) if losses else None,
-                 "heldout_kl_before": held_before, "heldout_kl_after": held_after, "kept": kept,
-                 "mean_rel_scale_change": float(changes.mean()), "seconds": round(time.perf_counter() - t0, 2)}
-
+    return losses
