@@ -119,9 +119,9 @@ def test_scale_refit_is_the_least_squares_solution_in_fp16(bits, act_order):
     assert output_error64(w, damped.dequantize(), X) < (gain + 0.05) * output_error64(w, grid.dequantize(), X)
 
 
-def gptq_export(bases, out, rounding):  # noqa: F811
+def gptq_export(bases, out, rounding, *extra):  # noqa: F811
     r = merge_cli(bases["g32"], bases["adapter_g32"], out, "--format", "gptq", f"merge.rounding={rounding}",
-                  *SMALL_REFIT, "merge.calibration=text")
+                  *SMALL_REFIT, "merge.calibration=text", *extra)
     assert r.exit_code == 0, r.output
     return json.loads((out / "merge_report.json").read_text())
 
@@ -155,6 +155,17 @@ def test_gptq_export_refitted_is_closer_to_the_unmerged_model_than_rounded(bases
             a, b = mod.quantized_weight(), base.get_submodule(name).quantized_weight()
             assert torch.equal(a.g_idx, b.g_idx) and torch.equal(a.zeros, torch.round(a.zeros))
             assert rounding != "codes" or torch.equal(a.scales, b.scales)
+
+
+def test_a_scale_refit_from_one_pass_per_block_matches_the_sequential_one(bases, tmp_path):  # noqa: F811
+    """merge.refit_sequential false fits all of a block's layers from one forward pass: the
+    scale changes are small, so the inputs hardly differ from the sequential ones."""
+    s = {seq: gptq_export(bases, tmp_path / str(seq), "scales", "merge.distill_steps=0",
+                          f"merge.refit_sequential={str(seq).lower()}")["refit"]["summary"] for seq in (True, False)}
+    for summary in s.values():  # each layer's output, on held-out inputs, nearer the exact merge than rounding
+        assert summary["mean_heldout_rel_output_error"] < 0.9 * summary["mean_heldout_rel_output_error_nearest"], s
+    one_pass, sequential = s[False]["mean_heldout_rel_output_error"], s[True]["mean_heldout_rel_output_error"]
+    assert abs(one_pass - sequential) < 0.1 * sequential, s
 
 
 # ---- the end-to-end scale distillation ---------------------------------------------------------

@@ -37,6 +37,10 @@ class QuantizeSection(Section):
     damp_percent: float = Field(0.01, gt=0, le=1)
     block_size: int = Field(128, ge=1)
     true_sequential: bool = Field(True, description="quantize q/k/v, o, gate/up, down in turn within a block")
+    target: Literal["local", "float"] = Field(
+        "local", description="what each layer's output is matched to on its inputs from the quantized layers "
+                             "before it: local = its own float weight's (GPTQ); float = the float model's output for the "
+                             "same tokens, so earlier layers' errors are corrected too (GPTAQ's asymmetric calibration)")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N, mps")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
 
@@ -225,6 +229,10 @@ class MergeSection(Section):
         "local", description="gptq refit: exact: each layer aims at the exact merge's output on the exact model's "
                              "inputs (errors of earlier layers are corrected), or, local, at its own exact "
                              "weight on the re-rounded model's inputs (plain sequential GPTQ)")
+    refit_sequential: bool = Field(True, description="gptq refit: within a block, q/k/v, o, gate/up and down in turn, "
+                                                      "each on the inputs the refitted layers before it give (as "
+                                                      "quantize's true_sequential); false: all of a block's layers "
+                                                      "from one pass (fewer forward passes)")
     codes_act_order: bool = Field(True, description="gptq codes: choose codes in decreasing order of the "
                                                       "input Hessian's diagonal (as GPTQ's act-order)")
     distill_steps: int = Field(64, ge=0, description="gptq refit: then tune the fp16 scales end to end for this many "

@@ -140,7 +140,7 @@ def refit(cfg: RunConfig, base: Path, merger: LayerMerger, adapter_cfg: dict, de
     calib, heldout, described = calibration_ids(cfg, adapter_cfg, tokenizer)
     model, grids, rounding, untouched = dense_merged_model(base, merger, device)
     q = QuantizeSection(bits=merger.bits, group_size=merger.group_size, damp_percent=cfg.quantize.damp_percent,
-                        batch_size=cfg.quantize.batch_size, true_sequential=True)
+                        batch_size=cfg.quantize.batch_size, true_sequential=m.refit_sequential)
     nearest_err: dict[str, tuple[float, float | None]] = {}
 
     def refit_layer(name: str, target: torch.Tensor, H: torch.Tensor, H_held: torch.Tensor | None):

@@ -73,12 +73,21 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
     p.add(f"calibration activations in and out ({c.num_samples} x {c.seq_len} x {shape.hidden})", dev,
           2 * tokens * shape.hidden * md)
     p.add("rotary position tables per batch", dev, 2 * tokens * shape.head_dim * md)
-    widest = shape.largest(lambda lin: lin.in_features).in_features
+    if cfg.quantize.target == "float":  # quant/asymmetric.py: the float block's copy and its stream
+        p.add("target float: the float model's activations and a float copy of the block", dev,
+              tokens * shape.hidden * md + sum(lin.weights for lin in shape.blocks[0]) * md)
+        p.add(f"target float: cross products C ({widest_in(shape)} squared, float32, and the target weight)", dev,
+              widest_in(shape) ** 2 * 4 + shape.largest(lambda lin: lin.weights).weights * 4)
+    widest = widest_in(shape)
     # the accumulated H, its damped copy, the Cholesky factor, H^-1 and its factor (quant/gptq.py)
     p.add(f"Hessians of the widest input ({widest} x {widest} float32, 5 copies)", dev, 5 * widest ** 2 * 4)
     largest = shape.largest(lambda lin: lin.weights).weights
     # W, Q, the dequantized W~, its expanded scales and zeros, the codes: 6 float32-sized copies
     p.add("GPTQ work on the largest layer (6 float32 copies)", dev, 6 * largest * 4)
+
+
+def widest_in(shape: ModelShape) -> int:
+    return shape.largest(lambda lin: lin.in_features).in_features
 
 
 def _save(cfg: RunConfig, shape: ModelShape, md: int) -> Phase:

@@ -63,6 +63,7 @@ def run(cfg: RunConfig, show_progress: bool = True, resume: bool = False) -> dic
         # Each finished block is packed into the model at once: its float weights go, so the
         # memory falls as the run proceeds instead of every layer's codes piling up to the end.
         _, layers = quantize_model(model, calib, q, device, on_block=advance, layer_stats=stats, store=progress,
+                                   asymmetric=q.target == "float",
                                    hand_over=lambda block_weights: install_quant_linears(model, block_weights, dtype))
     t_quant = time.perf_counter()
 

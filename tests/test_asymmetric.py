@@ -1,0 +1,23 @@
+"""Asymmetric calibration (quant/asymmetric.py, GPTAQ; `merge.refit_target: exact` and
+`quantize.target: float`): the target weight is the least-squares solution its docstring derives."""
+
+import torch
+
+from qalora_cli.quant.asymmetric import CrossAccumulator, asymmetric_target
+from qalora_cli.quant.gptq import HessianAccumulator
+
+
+def test_asymmetric_target_is_the_float64_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 400, 24, 10
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    X_ref = X + 0.3 * torch.randn(n, d_in, generator=g, dtype=torch.float64)  # what the float model's layer sees
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    H, C = HessianAccumulator(d_in), CrossAccumulator(d_in, "cpu")
+    for rows in torch.arange(n).split(64):  # accumulated batch by batch, as the block pass does
+        H.add(X[rows].float())
+        C.add(X_ref[rows].float(), X[rows].float())
+    W_t = asymmetric_target(W.float(), C.C, H.H, damp_percent=1e-9)
+    # min over W_t of |W X_ref^T - W_t X^T|^2: each row is a least-squares fit of W x_ref on x
+    reference = torch.linalg.lstsq(X, X_ref @ W.t()).solution.t()
+    assert torch.allclose(W_t.double(), reference, rtol=0, atol=1e-4 * reference.abs().max())
