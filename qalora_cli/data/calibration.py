@@ -159,9 +159,12 @@ def start_token(tokenizer) -> int:
     raise UserError("calibration.source mix: the tokenizer has no BOS, EOS or pad token to start text from")
 
 
+GENERATION_ROWS = 64  # rows sampled at once: their key/value cache is the memory it takes (plan/quantize_plan.py)
+
+
 @torch.no_grad()
 def generated_windows(model, tokenizer, n: int, seq_len: int, seed: int, top_p: float,
-                      device=None, batch_size: int = 64) -> torch.Tensor:
+                      device=None, batch_size: int = GENERATION_ROWS) -> torch.Tensor:
     """-> int64 [n, seq_len]: text the model samples itself, each row begun from the start token
     and sampled for seq_len - 1 tokens. Rows do not stop at EOS: past it the model goes on to
     another text of its own, so no step is wasted on finished rows. Deterministic for a seed on

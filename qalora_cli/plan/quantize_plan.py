@@ -9,6 +9,7 @@ statistics gathered on the way: the peak is the larger of the two.
 from __future__ import annotations
 
 from ..config.schema import RunConfig
+from ..data.calibration import GENERATION_ROWS
 from .budget import Phase, StagePlan
 from .devices import DTYPE_BYTES, planned_device
 from .float_model import add_float_model
@@ -24,6 +25,10 @@ def plan_quantize(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     phases = [_load(shape, md), *_block_loop(cfg, shape, dev, md), _save(cfg, shape, md)]
     if dev != "cpu":
         phases += _device_side(cfg, shape, dev, md)
+    elif cfg.calibration.source == "mix":
+        gen = add_runtime(Phase("calibration text generated on cpu"), "quantize")
+        gen.add("float model", "cpu", shape.total_params * md)
+        phases.append(_generation(gen, cfg, shape, "cpu", md))
     settings = (f"{q.method} INT{q.bits} g{q.group_size}, calibration {c.num_samples} x {c.seq_len} tokens, "
                 f"{cfg.model.dtype} model, on {dev}")
     return StagePlan("quantize", shape.source, settings, add_allocator_margin(phases))
@@ -106,11 +111,18 @@ def _device_side(cfg: RunConfig, shape: ModelShape, dev: str, md: int) -> list[P
     _block_work(p, cfg, shape, dev, md)
     if cfg.calibration.source != "mix":
         return [p]
-    c = cfg.calibration
-    rows = round(c.num_samples * c.generated_fraction)
     gen = add_gpu_context(Phase(f"calibration text generated on {dev}"), dev)
     gen.add("whole float model", dev, shape.total_params * md)
-    gen.add(f"key/value cache of {rows} rows x {c.seq_len} tokens", dev,
-            2 * rows * c.seq_len * shape.layers * shape.kv_heads * shape.head_dim * md)
-    gen.add("next-token logits", dev, 2 * rows * shape.vocab * 4)
-    return [p, gen]
+    return [p, _generation(gen, cfg, shape, dev, md)]
+
+
+def _generation(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) -> Phase:
+    """calibration.source mix: the model writes its share of the samples, all rows at once
+    (data/calibration.py): the key/value cache of every row and the last logits."""
+    c = cfg.calibration
+    rows = min(GENERATION_ROWS, round(c.num_samples * c.generated_fraction))
+    p.add(f"key/value cache of {rows} rows x {c.seq_len} tokens", dev,
+          2 * rows * c.seq_len * shape.layers * shape.kv_heads * shape.head_dim * md)
+    # the logits and the sampler's float32 copies of them (softmax, sorted, cumulative sum)
+    p.add("next-token logits and top-p sampling", dev, 4 * rows * shape.vocab * 4)
+    return p
