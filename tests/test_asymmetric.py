@@ -21,3 +21,28 @@ def test_asymmetric_target_is_the_float64_least_squares_solution():
     # min over W_t of |W X_ref^T - W_t X^T|^2: each row is a least-squares fit of W x_ref on x
     reference = torch.linalg.lstsq(X, X_ref @ W.t()).solution.t()
     assert torch.allclose(W_t.double(), reference, rtol=0, atol=1e-4 * reference.abs().max())
+
+
+def test_where_the_inputs_agree_the_target_is_the_weight_itself_whatever_the_damping():
+    """The first layers see the same inputs in both models: the target must be W, not a W shrunk
+    along input directions the calibration hardly visits (which would cost other text)."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 16, generator=g) * torch.logspace(0, -3, 16)  # some directions barely visited
+    W = torch.randn(8, 16, generator=g)
+    H, C = HessianAccumulator(16), CrossAccumulator(16, "cpu")
+    H.add(X)
+    C.add(X, X)
+    for damp in (1e-4, 0.01, 0.1):
+        assert torch.allclose(asymmetric_target(W, C.C, H.H, damp), W, atol=1e-5)
+
+
+def test_damping_pulls_the_target_towards_the_weight():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    X_ref = X + 0.5 * torch.randn(300, 16, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    H, C = HessianAccumulator(16), CrossAccumulator(16, "cpu")
+    H.add(X.float())
+    C.add(X_ref.float(), X.float())
+    moved = [float((asymmetric_target(W.float(), C.C, H.H, d).double() - W).norm()) for d in (1e-6, 0.1, 1.0, 100.0)]
+    assert moved == sorted(moved, reverse=True) and moved[-1] < 0.05 * moved[0]

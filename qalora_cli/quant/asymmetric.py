@@ -7,7 +7,8 @@ model's inputs for the same tokens, |W X' - W~ X|^2 = |(W_t - W~) X|^2 + const, 
 
     W_t = W C H^-1,    C = sum_t x'_t x_t^T,  H = sum_t x_t x_t^T
 
-(normal equations), so GPTQ run on the target W_t with the usual H minimizes it (the idea of
+(normal equations; damped towards W, see asymmetric_target), so GPTQ run on the target W_t with
+the usual H minimizes it (the idea of
 GPTAQ, Li et al. 2025). The GPTQ export of a merge uses it: the fine-tune's effect is small
 against the rounding noise, and letting that noise pile up block after block loses it.
 """
@@ -72,8 +73,15 @@ def cross_inputs(block: nn.Module, ref_block: nn.Module, names: list[str], input
 
 
 def asymmetric_target(weight: torch.Tensor, C: torch.Tensor, H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """W_t = W C (H + damp)^-1 [out, in], in float64 for the solve."""
-    Hd = H.double() + damp_percent * torch.diag(H).double().mean() * torch.eye(H.shape[0], dtype=torch.float64,
-                                                                              device=H.device)
-    rhs = (weight.double().to(H.device) @ C.double()).t()           # (W C)^T = H_d W_t^T
-    return torch.linalg.solve(Hd, rhs).t().to(torch.float32)
+    """W_t = W + W (C - H) (H + damp)^-1 [out, in], in float64 for the solve.
+
+    The least-squares target with the damping pulling W_t towards W, not towards 0:
+    min |W X' - W_t X|^2 + damp |W_t - W|^2 gives W_t (H + damp) = W (C + damp). Where the
+    inputs agree (X' = X, the first layers) W_t is W exactly, and input directions the
+    calibration hardly visits keep their weights: damping W_t itself would shrink them, which
+    costs every text unlike the calibration text."""
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    Hd = H.double() + damp_percent * torch.diag(H).double().mean() * eye
+    W = weight.double().to(H.device)
+    rhs = (W @ (C.double() - H.double())).t()                       # (W (C - H))^T = H_d (W_t - W)^T
+    return (W + torch.linalg.solve(Hd, rhs).t()).to(torch.float32)
