@@ -3,7 +3,8 @@
 The float model is loaded on the CPU; each block visits the quantize device for its turn and,
 once done, is packed into the model (its float weights go). So the CPU holds the float model
 at the first block, and at the last the float parts, the packed blocks and the `lora.init`
-statistics gathered on the way: the peak is the larger of the two.
+statistics gathered on the way; with calibration.source mix, the model first writes text with
+every generated row's key/value cache at once. The peak is the largest of these.
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
     p.add(f"calibration activations in and out ({c.num_samples} x {c.seq_len} x {shape.hidden})", dev,
           2 * tokens * shape.hidden * md)
     p.add("rotary position tables per batch", dev, 2 * tokens * shape.head_dim * md)
+    widest = widest_in(shape)
     if cfg.quantize.target == "float":  # quant/asymmetric.py: the float block's copy and its stream
         p.add("target float: the float model's activations and a float copy of the block", dev,
               tokens * shape.hidden * md + sum(lin.weights for lin in shape.blocks[0]) * md)
-        p.add(f"target float: cross products C ({widest_in(shape)} squared, float32, and the target weight)", dev,
-              widest_in(shape) ** 2 * 4 + shape.largest(lambda lin: lin.weights).weights * 4)
-    widest = widest_in(shape)
+        p.add(f"target float: cross products C ({widest} squared, float32, and the target weight)", dev,
+              widest ** 2 * 4 + shape.largest(lambda lin: lin.weights).weights * 4)
     # the accumulated H, its damped copy, the Cholesky factor, H^-1 and its factor (quant/gptq.py)
     p.add(f"Hessians of the widest input ({widest} x {widest} float32, 5 copies)", dev, 5 * widest ** 2 * 4)
     largest = shape.largest(lambda lin: lin.weights).weights
