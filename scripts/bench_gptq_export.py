@@ -91,15 +91,22 @@ def score_mlx(folder: Path, tok, pairs, examples, dtype: str) -> dict:
             "ppl": float("nan")}
 
 
-def merge(config: str, name: str, fmt: str, overrides: list[str], out: Path) -> dict:
+def run_qalora(args: list[str], what: str) -> float:
+    """One `qalora` command in its own process, as a user runs it. -> its wall seconds."""
     t0 = time.perf_counter()
-    r = subprocess.run([QALORA, "merge", "--config", config, "--format", fmt, "--output", str(out), "--overwrite",
-                        "merge.device=cpu", *overrides], capture_output=True, text=True)
+    r = subprocess.run([QALORA, *args], capture_output=True, text=True)
     if r.returncode:
-        raise SystemExit(f"merge {name} failed: {r.stderr.strip().splitlines()[-1]}")
+        last = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        raise SystemExit(f"{what} failed: {last}")
+    return round(time.perf_counter() - t0, 1)
+
+
+def merge(config: str, name: str, fmt: str, overrides: list[str], out: Path) -> dict:
+    wall = run_qalora(["merge", "--config", config, "--format", fmt, "--output", str(out), "--overwrite",
+                       "merge.device=cpu", *overrides], f"merge {name}")
     report = json.loads((out / "merge_report.json").read_text())
     size = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".safetensors", ".gguf"))
-    return {"wall_s": round(time.perf_counter() - t0, 1), "size_mb": round(size / 1e6, 1),
+    return {"wall_s": wall, "size_mb": round(size / 1e6, 1),
             "verification": report.get("verification"), "zero_rounding": report.get("zero_rounding"),
             "refit": (report.get("refit") or {}).get("summary"), "seconds": report.get("seconds")}
 
@@ -110,13 +117,10 @@ QUANTIZE_TIMING = "quantize the base again (timing only)"
 def time_quantize(config: str, overrides: list[str]) -> dict:
     """`qalora quantize` of the base as it was made, into a scratch folder: its wall time."""
     out = ROOT / f"out/bench/quantize-timing-{Path(config).stem}"
-    t0 = time.perf_counter()
-    r = subprocess.run([QALORA, "quantize", "--config", config, "--output", str(out), "--overwrite",
-                        "quantize.device=cpu", *overrides], capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"quantize failed: {r.stderr.strip().splitlines()[-1]}")
+    wall = run_qalora(["quantize", "--config", config, "--output", str(out), "--overwrite", "quantize.device=cpu",
+                       *overrides], "quantize")
     report = json.loads((out / "quantize_report.json").read_text())
-    return {"wall_s": round(time.perf_counter() - t0, 1), "seconds": report.get("seconds"), "overrides": overrides}
+    return {"wall_s": wall, "seconds": report.get("seconds"), "overrides": overrides}
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
     p.add(f"calibration activations in and out ({c.num_samples} x {c.seq_len} x {shape.hidden})", dev,
           2 * tokens * shape.hidden * md)
     p.add("rotary position tables per batch", dev, 2 * tokens * shape.head_dim * md)
-    widest = widest_in(shape)
+    widest = _widest_in(shape)
     if cfg.quantize.target == "float":  # quant/asymmetric.py: the float block's copy and its stream
         p.add("target float: the float model's activations and a float copy of the block", dev,
               tokens * shape.hidden * md + sum(lin.weights for lin in shape.blocks[0]) * md)
@@ -92,7 +92,7 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
     p.add("GPTQ work on the largest layer (6 float32 copies)", dev, 6 * largest * 4)
 
 
-def widest_in(shape: ModelShape) -> int:
+def _widest_in(shape: ModelShape) -> int:
     return shape.largest(lambda lin: lin.in_features).in_features
 
 

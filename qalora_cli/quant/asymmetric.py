@@ -7,10 +7,10 @@ model's inputs for the same tokens, |W X' - W~ X|^2 = |(W_t - W~) X|^2 + const, 
 
     W_t = W C H^-1,    C = sum_t x'_t x_t^T,  H = sum_t x_t x_t^T
 
-(normal equations; damped towards W, see asymmetric_target), so GPTQ run on the target W_t with
-the usual H minimizes it (the idea of
-GPTAQ, Li et al. 2025). The GPTQ export of a merge uses it: the fine-tune's effect is small
-against the rounding noise, and letting that noise pile up block after block loses it.
+(normal equations; damped towards W, see asymmetric_target), so GPTQ run on the target W_t
+with the usual H minimizes it (the idea of GPTAQ, Li et al. 2025). `quantize.target: float` uses
+it, and so does the GPTQ export of a merge with `merge.refit_target: exact`: the fine-tune's effect
+is small against the rounding noise, and letting that noise pile up block after block loses it.
 """
 
 from __future__ import annotations
