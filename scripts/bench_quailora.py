@@ -18,7 +18,9 @@ Parts:
 - sweep: the same for quailora at ranks 4..64 (a layer's update rank is capped by its number of groups).
 - inputs: quailora from statistics of the asymmetric objective |W X_float - (W~ + Delta) X|^2 (recomputed from
   the original model, quant/asymmetric.py) instead of the stored |(W - W~ - Delta) X|^2 on the quantized
-  model's own inputs X.
+  model's own inputs X (all layers' corrections solved on the uncorrected model).
+- corrected: the same objective with X the inputs of the model as corrected so far: solved layer after layer,
+  each finished layer W~ + Delta in a third stream (lora/init_stats.StatsCollector with a rank).
 - finetune: `qalora finetune --config <cfg>` (60 steps) with lora.init zero and quailora, seeds 0, 1, 2:
   held-out loss and exact match before (step 0) and after, and wall times.
 
@@ -96,10 +98,10 @@ def float_ppl(res: Results, name: str, tokens: int) -> float:
     return res.rows[key]["ppl"]
 
 
-def step0_row(name: str, base: Path, init: str, rank: int | None, tokens: int, asymmetric: bool = False) -> dict:
+def step0_row(name: str, base: Path, init: str, rank: int | None, tokens: int, inputs: str = "stored") -> dict:
     """Perplexity of the checkpoint with its adapters initialized by `init` (rank None: the full-rank limit).
-    `asymmetric`: statistics recomputed from the original model for the asymmetric objective
-    |W X_float - (W~ + Delta) X|^2 instead of the stored ones (|(W - W~ - Delta) X|^2, X the quantized model's)."""
+    `inputs`: "stored", the checkpoint's statistics; "asymmetric" / "corrected", recomputed from the original
+    model for |W X_float - (W~ + Delta) X|^2 with X the uncorrected / the corrected model's inputs."""
     import torch
     from transformers import AutoTokenizer
 
@@ -119,10 +121,11 @@ def step0_row(name: str, base: Path, init: str, rank: int | None, tokens: int, a
     adapters = inject_qalora(model, cfg.lora)
     given = None
     t = time.perf_counter()
-    if asymmetric:
+    if inputs != "stored":
         from qalora_cli.lora.init_stats import quantized_weights, recompute_stats
 
-        given = (recompute_stats(cfg, cfg.model, quantized_weights(adapters), asymmetric=True), "asymmetric")
+        given = (recompute_stats(cfg, cfg.model, quantized_weights(adapters), asymmetric=inputs == "asymmetric",
+                                 rank=rank if inputs == "corrected" else None), inputs)
     stats_s = time.perf_counter() - t
     init_report = initialize_adapters(cfg, base, adapters, given=given)
     use_backend(model, "torch", torch.float32)
@@ -139,7 +142,7 @@ def step0_row(name: str, base: Path, init: str, rank: int | None, tokens: int, a
             "ppl_seconds": round(time.perf_counter() - t, 1), "stats_seconds": round(stats_s, 1)}
 
 
-def part_step0(res: Results, bits: list[int], tokens: int, ranks: list[int] | None, inputs: bool = False) -> None:
+def part_step0(res: Results, bits: list[int], tokens: int, ranks: list[int] | None, inputs: str = "stored") -> None:
     for b in bits:
         name = config_for(b)
         base = ensure_checkpoint(name)
@@ -147,8 +150,8 @@ def part_step0(res: Results, bits: list[int], tokens: int, ranks: list[int] | No
         from qalora_cli.config.loader import load_config
 
         rank = load_config(name).lora.rank
-        if inputs:
-            variants = [("quailora-asymmetric", "quailora", rank)]
+        if inputs != "stored":
+            variants = [(f"quailora-{inputs}", "quailora", rank)]
         elif ranks is None:  # None: the full-rank limit
             variants = [("zero", "zero", rank), ("svd", "svd", rank), ("quailora", "quailora", rank),
                         ("full-rank", "quailora", None)]
@@ -157,7 +160,7 @@ def part_step0(res: Results, bits: list[int], tokens: int, ranks: list[int] | No
         for label, init, r in variants:
             key = f"step0/int{b}/{label}/{tokens}"
             if key not in res:
-                res.put(key, step0_row(name, base, init, r, tokens, asymmetric=inputs))
+                res.put(key, step0_row(name, base, init, r, tokens, inputs=inputs))
 
 
 def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int) -> None:
@@ -223,7 +226,7 @@ def table(res: Results, tokens: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["step0", "sweep", "inputs", "finetune", "all"], default="step0")
+    ap.add_argument("--part", choices=["step0", "sweep", "inputs", "corrected", "finetune", "all"], default="step0")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--ranks", default="4,8,16,32,64")
@@ -243,7 +246,9 @@ def main() -> int:
         if args.part in ("sweep", "all"):
             part_step0(res, bits, args.ppl_tokens, [int(r) for r in args.ranks.split(",")])
         if args.part in ("inputs", "all"):
-            part_step0(res, bits, args.ppl_tokens, None, inputs=True)
+            part_step0(res, bits, args.ppl_tokens, None, inputs="asymmetric")
+        if args.part in ("corrected", "all"):
+            part_step0(res, bits, args.ppl_tokens, None, inputs="corrected")
         if args.part in ("finetune", "all"):
             part_finetune(res, bits, [int(s) for s in args.seeds.split(",")], args.steps)
     print(table(res, args.ppl_tokens))

@@ -90,6 +90,11 @@ class OutputSection(Section):
     overwrite: bool = False
     init_stats: bool = Field(True, description="quantize: write qalora_init/quailora_stats.safetensors in the "
                                                "checkpoint, the per-layer statistics lora.init svd/quailora start from")
+    init_stats_inputs: Literal["corrected", "quantized"] = Field(
+        "corrected", description="the inputs those statistics are taken on: corrected = the model as lora.init "
+                                 "quailora at lora.rank corrects it, layer after layer, each aimed at the float "
+                                 "model's output (the corrections then add up instead of piling up); quantized = the "
+                                 "quantized model's own, each layer aimed at its own float weight (a quicker pass)")
 
 
 class LoraSection(Section):

@@ -57,31 +57,52 @@ def layer_stats(target: torch.Tensor, approx: torch.Tensor, H: torch.Tensor, g_i
             "rhr": ((R.float() @ H.float()) * R.float()).sum().double().reshape(1).float()}
 
 
-class StatsCollector:
-    """The per-layer callback of quant.sequential.quantize_model: gathers every layer's statistics.
-    `scale_dtype`: the dtype the checkpoint stores scales in, so W~ is the one the checkpoint holds."""
+def stats_rank(cfg) -> int | None:
+    """The rank the statistics' corrected stream is corrected at; None: taken on the quantized model's inputs."""
+    return cfg.lora.rank if cfg.output.init_stats_inputs == "corrected" else None
 
-    def __init__(self, scale_dtype: torch.dtype | None = None):
+
+class StatsCollector:
+    """The per-layer callback of quant.sequential.quantize_model (its LayerStatsHook): gathers every
+    layer's statistics. `scale_dtype`: the dtype the checkpoint stores scales in, so W~ is the one
+    the checkpoint holds. `rank`: take them on the corrected model's inputs (`corrects`), each
+    finished layer corrected by the quailora init of this rank; None: on the quantized model's."""
+
+    def __init__(self, scale_dtype: torch.dtype | None = None, rank: int | None = None):
         self.scale_dtype = scale_dtype
+        self.rank = rank
+        self.corrects = rank is not None
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def __call__(self, name: str, target: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> None:
-        if self.scale_dtype is not None:
-            qw = replace(qw, scales=qw.scales.to(self.scale_dtype).float())
+    def _stored(self, qw: QuantizedWeight) -> QuantizedWeight:
+        return replace(qw, scales=qw.scales.to(self.scale_dtype).float()) if self.scale_dtype is not None else qw
+
+    def __call__(self, name: str, target: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor) -> torch.Tensor | None:
+        qw = self._stored(qw)
         approx = qw.dequantize()
         if approx.shape != target.shape:
             raise UserError(f"{name}: the original model's weight is {tuple(target.shape)}, the checkpoint's "
                             f"{tuple(approx.shape)}: it was not quantized from this model")
         for key, value in layer_stats(target, approx, H, qw.g_idx, qw.scales.shape[0]).items():
             self.tensors[f"{name}.{key}"] = value.cpu().contiguous()
+        return self.corrected_weight(name, qw) if self.corrects else None
 
-    def save(self, folder: Path, inputs: str = "quantized-sequential") -> None:
+    def corrected_weight(self, name: str, qw: QuantizedWeight) -> torch.Tensor:
+        """W~ + M E^T: the layer as the quailora init of rank `rank` corrects it, from its statistics."""
+        qw = self._stored(qw)
+        M = init_math.quailora_delta(self.tensors[f"{name}.C"], self.tensors[f"{name}.G"], self.rank)
+        return qw.dequantize().double() + M[:, qw.g_idx.long()]
+
+    def inputs(self) -> str:
+        """Which inputs the statistics were taken on, as the file's metadata records it."""
+        return f"corrected-sequential rank {self.rank}" if self.corrects else "quantized-sequential"
+
+    def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         path = Path(folder) / STATS_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors, path, metadata={"format": STATS_FORMAT, "version": "1",
-                                                                    "inputs": inputs})
+        save_file(self.tensors, path, metadata={"format": STATS_FORMAT, "version": "1", "inputs": self.inputs()})
 
     def layers(self) -> dict[str, LayerStats]:
         return _as_layers(self.tensors)
@@ -149,9 +170,10 @@ def source_model(cfg, base_dir: Path, method: str):
 
 
 def recompute_stats(cfg, model_section, quantized: dict[str, QuantizedWeight], asymmetric: bool = False,
-                    note=None) -> dict[str, LayerStats]:
+                    note=None, rank: int | None = None) -> dict[str, LayerStats]:
     """The statistics of a checkpoint's layers (`quantized`, its own weights), from the original model and
-    this config's calibration section, by the block-by-block pass `quantize` runs."""
+    this config's calibration section, by the block-by-block pass `quantize` runs. `rank`: on the
+    corrected model's inputs (StatsCollector)."""
     from ..data.calibration import calibration_batches
     from ..device import resolve_device
     from ..models.loading import load_model
@@ -160,7 +182,7 @@ def recompute_stats(cfg, model_section, quantized: dict[str, QuantizedWeight], a
     model, tokenizer, _ = load_model(model_section, "cpu")
     device = resolve_device(cfg.quantize.device)
     calib = calibration_batches(cfg.calibration, tokenizer, model, device, note=note)
-    collector = StatsCollector()
+    collector = StatsCollector(rank=rank)
 
     def checkpoint_weight(name, _target, _H, _held):
         if name not in quantized:
@@ -187,7 +209,7 @@ def get_stats(cfg, base_dir: Path, adapters: dict, note=None) -> tuple[dict[str,
         if note:
             note(f"lora.init={method}: no {STATS_NAME} in '{base_dir}'; recomputing it from {section.name_or_path}")
         try:
-            stats = recompute_stats(cfg, section, quantized_weights(adapters), note=note)
+            stats = recompute_stats(cfg, section, quantized_weights(adapters), note=note, rank=stats_rank(cfg))
         except UserError as e:
             if str(e).startswith("could not load the model"):
                 raise _how_to(method, base_dir, str(e)) from None

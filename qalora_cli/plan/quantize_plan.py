@@ -80,11 +80,16 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
           2 * tokens * shape.hidden * md)
     p.add("rotary position tables per batch", dev, 2 * tokens * shape.head_dim * md)
     widest = _widest_in(shape)
-    if cfg.quantize.target == "float":  # quant/asymmetric.py: the float block's copy and its stream
-        p.add("target float: the float model's activations and a float copy of the block", dev,
-              tokens * shape.hidden * md + sum(lin.weights for lin in shape.blocks[0]) * md)
-        p.add(f"target float: cross products C ({widest} squared, float32, and the target weight)", dev,
-              widest ** 2 * 4 + shape.largest(lambda lin: lin.weights).weights * 4)
+    block_weights = sum(lin.weights for lin in shape.blocks[0]) * md
+    target = shape.largest(lambda lin: lin.weights).weights * 4
+    corrected = cfg.output.init_stats and cfg.output.init_stats_inputs == "corrected"
+    if cfg.quantize.target == "float" or corrected:  # quant/asymmetric.py: the float block's copy and its stream
+        p.add("the float model's activations and a float copy of the block (target float, corrected statistics)",
+              dev, tokens * shape.hidden * md + block_weights)
+        p.add(f"cross products C ({widest} squared, float32, and the target weight)", dev, widest ** 2 * 4 + target)
+    if corrected:  # quant/sequential.py: the third stream, the model as lora.init corrects it
+        p.add("lora.init statistics on the corrected model: its activations, its copy of the block, its H and C",
+              dev, tokens * shape.hidden * md + block_weights + 2 * widest ** 2 * 4 + target)
     # the accumulated H, its damped copy, the Cholesky factor, H^-1 and its factor (quant/gptq.py)
     p.add(f"Hessians of the widest input ({widest} x {widest} float32, 5 copies)", dev, 5 * widest ** 2 * 4)
     largest = shape.largest(lambda lin: lin.weights).weights

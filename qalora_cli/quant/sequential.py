@@ -109,8 +109,23 @@ def _quantize_layer(weight: torch.Tensor, H: torch.Tensor, q: QuantizeSection) -
 #   -> (quantized weight, damping used or None)
 LayerQuantizer = Callable[[str, nn.Linear, torch.Tensor, "torch.Tensor | None"], tuple[QuantizedWeight, "float | None"]]
 
-# (full layer name, the weight aimed at, its quantized weight, its input Hessian) -> None
-LayerStatsHook = Callable[[str, torch.Tensor, QuantizedWeight, torch.Tensor], None]
+class LayerStatsHook(Protocol):
+    """What `lora.init` needs of each layer, gathered while the weight aimed at and H are at hand
+    (lora/init_stats.StatsCollector).
+
+    `corrects` False: called with the layer's own target and the quantized model's H; returns None.
+    `corrects` True: the statistics are taken on a third stream, the model as the init will correct
+    it (every finished layer W~ + Delta): called with the target that maps those inputs to the float
+    model's output (quant/asymmetric.py) and their H, it returns the layer's corrected weight, which
+    the stream then runs with. Solved layer after layer on inputs the earlier corrections already
+    changed, the corrections do not pile up, as they do when all are solved on the uncorrected model."""
+    corrects: bool
+
+    def __call__(self, name: str, target: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor
+                 ) -> torch.Tensor | None: ...
+
+    def corrected_weight(self, name: str, qw: QuantizedWeight) -> torch.Tensor:
+        """The corrected weight of a layer whose statistics were restored (a resumed run)."""
 
 
 class BlockStore(Protocol):
@@ -123,11 +138,19 @@ class BlockStore(Protocol):
 
 @dataclass
 class _Streams:
-    """The calibration batches (and the held-out and full-precision reference ones, when
-    asked) as they enter the next block."""
+    """The calibration batches (and the held-out, full-precision reference and corrected ones,
+    when asked) as they enter the next block."""
     inputs: BlockInputs
     held: BlockInputs | None
     ref: BlockInputs | None
+    corr: BlockInputs | None = None
+
+
+@dataclass
+class _Copies:
+    """Per block: the block before any change (the reference stream's) and the corrected one."""
+    ref: nn.Module | None
+    corr: nn.Module | None
 
 
 @torch.no_grad()
@@ -147,7 +170,8 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
     error is also reported on them. With `asymmetric`, each layer aims at the output the model
     as given (before any change) computes on its own inputs (quant/asymmetric.py).
     `layer_stats(name, target, quantized weight, H)` is called for every layer while the weight it aimed at
-    and H are still at hand (lora/init_stats.py gathers what `lora.init` needs there).
+    and H are still at hand (lora/init_stats.py gathers what `lora.init` needs there; with
+    `layer_stats.corrects`, on the inputs of the corrected model, LayerStatsHook).
     `store` saves each block as it finishes; the blocks it already holds are not quantized again but
     restored, and the calibration batches are passed through them as they were the first time.
     `hand_over` takes each block's quantized weights once the block is done with (passed through,
@@ -155,21 +179,26 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
     them into the model there, so that the finished blocks' float weights go as it proceeds."""
     quantize_layer = quantize_layer or (lambda _name, w, H, _held: _quantize_layer(w, H, q))
     prefix, blocks = decoder_blocks(model)
-    streams = _block_zero_inputs(model, blocks, calib_ids, heldout_ids, q.batch_size, device, asymmetric)
+    corrects = layer_stats is not None and layer_stats.corrects
+    streams = _block_zero_inputs(model, blocks, calib_ids, heldout_ids, q.batch_size, device,
+                                 asymmetric or corrects, corrects)
     done = store.finished() if store is not None else 0
     results: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for i, block in enumerate(blocks):
         block.to(device)
-        ref_block = copy.deepcopy(block) if asymmetric else None  # the block before any change
+        copies = _Copies(copy.deepcopy(block) if streams.ref is not None else None,  # the block before any change
+                         copy.deepcopy(block) if corrects else None)
         if i < done:
             block_results, block_reports = store.load(i)
             _install_restored(block, f"{prefix}.{i}", block_results)
+            if corrects:
+                _install_corrected(copies.corr, f"{prefix}.{i}", block_results, layer_stats)
         else:
-            block_results, block_reports = _quantize_block(block, f"{prefix}.{i}", streams, ref_block, q,
+            block_results, block_reports = _quantize_block(block, f"{prefix}.{i}", streams, copies, asymmetric, q,
                                                            quantize_layer, layer_stats)
         reports.extend(block_reports)
-        _advance(block, ref_block, streams)
+        _advance(block, copies, streams)
         block.to("cpu")
         if store is not None and i >= done:
             store.save(i, block_results, block_reports)
@@ -183,7 +212,8 @@ def quantize_model(model: nn.Module, calib_ids: torch.Tensor, q: QuantizeSection
 
 
 def _block_zero_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor,
-                       heldout_ids: torch.Tensor | None, batch_size: int, device, asymmetric: bool) -> _Streams:
+                       heldout_ids: torch.Tensor | None, batch_size: int, device, reference: bool,
+                       corrected: bool) -> _Streams:
     """What block 0 receives for each batch. Everything but the blocks (embeddings, final norm,
     head) visits the device for this; each block visits it only for its turn."""
     blocks.to("cpu")
@@ -193,15 +223,16 @@ def _block_zero_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch
     if heldout_ids is not None:
         held = capture_block_inputs(model, blocks, [b.to(device) for b in heldout_ids.split(batch_size)])
     _move_non_block_parts(model, blocks, "cpu")
-    ref = BlockInputs(list(inputs.hidden), inputs.kwargs) if asymmetric else None
-    return _Streams(inputs, held, ref)
+    ref = BlockInputs(list(inputs.hidden), inputs.kwargs) if reference else None
+    corr = BlockInputs(list(inputs.hidden), inputs.kwargs) if corrected else None
+    return _Streams(inputs, held, ref, corr)
 
 
-def _quantize_block(block: nn.Module, block_name: str, streams: _Streams, ref_block: nn.Module | None,
+def _quantize_block(block: nn.Module, block_name: str, streams: _Streams, copies: _Copies, asymmetric: bool,
                     q: QuantizeSection, quantize_layer: LayerQuantizer, layer_stats: LayerStatsHook | None,
                     ) -> tuple[dict[str, QuantizedWeight], list[LayerReport]]:
     """Quantize one block's layers, group after group (true-sequential: each group sees the
-    quantized outputs of the groups before it)."""
+    quantized outputs of the groups before it; the corrected stream, the corrected ones)."""
     inputs, held = streams.inputs, streams.held
     layers = linear_layers(block)
     if q.true_sequential:
@@ -213,15 +244,19 @@ def _quantize_block(block: nn.Module, block_name: str, streams: _Streams, ref_bl
     for group in groups:
         accs = _hessians(block, group, inputs, stop_early=q.true_sequential)
         held_accs = _hessians(block, group, held, stop_early=q.true_sequential) if held else {}
-        cross = cross_inputs(block, ref_block, group, inputs, streams.ref) if ref_block is not None else {}
+        cross = cross_inputs(block, copies.ref, group, inputs, streams.ref) if asymmetric else {}
+        corr = _corrected_inputs(copies, group, streams, q.true_sequential) if copies.corr is not None else {}
         for name in group:
             full = f"{block_name}.{name}"
             H_held = held_accs[name].H if held else None
-            C = cross[name].C if ref_block is not None else None
-            results[full], report = _quantize_one(layers[name], full, accs[name].H, H_held, C, q,
-                                                  quantize_layer, layer_stats)
+            C = cross[name].C if asymmetric else None
+            w = layers[name].weight.data.float().clone() if corr else None
+            results[full], report = _quantize_one(layers[name], full, accs[name].H, H_held, C, q, quantize_layer,
+                                                  None if corr else layer_stats)
+            if corr:
+                _correct_one(linear_layers(copies.corr)[name], full, w, results[full], *corr[name], q, layer_stats)
             reports.append(report)
-        del accs, held_accs, cross
+        del accs, held_accs, cross, corr
     return results, reports
 
 
@@ -245,6 +280,32 @@ def _quantize_one(lin: nn.Linear, full: str, H: torch.Tensor, H_held: torch.Tens
     return qw, LayerReport(full, lin.in_features, lin.out_features, err, damp, time.perf_counter() - t0, held_err)
 
 
+def _corrected_inputs(copies: _Copies, group: list[str], streams: _Streams, stop_early: bool
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(H, C) per layer of the group on the corrected stream: its inputs' Gram matrix, and their
+    pairing with the reference stream's (quant/asymmetric.py)."""
+    accs = _hessians(copies.corr, group, streams.corr, stop_early)
+    cross = cross_inputs(copies.corr, copies.ref, group, streams.corr, streams.ref)
+    return {name: (accs[name].H, cross[name].C) for name in group}
+
+
+def _correct_one(corr_lin: nn.Linear, full: str, w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor,
+                 C: torch.Tensor, q: QuantizeSection, layer_stats: LayerStatsHook) -> None:
+    """Hand the corrected stream's statistics of one layer to `layer_stats` and give the corrected
+    block the weight it returns (W~ + Delta)."""
+    target = asymmetric_target(w.to(H.device), C, H, q.damp_percent)
+    corrected = layer_stats(full, target, qw, H)
+    corr_lin.weight.data.copy_(corrected.to(corr_lin.weight.device, corr_lin.weight.dtype))
+
+
+def _install_corrected(corr_block: nn.Module, block_name: str, results: dict[str, QuantizedWeight],
+                       layer_stats: LayerStatsHook) -> None:
+    """A restored block's corrected copy, from the statistics restored with it."""
+    for name, lin in linear_layers(corr_block).items():
+        corrected = layer_stats.corrected_weight(f"{block_name}.{name}", results[f"{block_name}.{name}"])
+        lin.weight.data.copy_(corrected.to(lin.weight.device, lin.weight.dtype))
+
+
 def _install_restored(block: nn.Module, block_name: str, results: dict[str, QuantizedWeight]) -> None:
     """Give a block restored from a store the W~ its layers had when it was quantized, so the
     batches passed through it come out as they did the first time."""
@@ -260,12 +321,12 @@ def _install_restored(block: nn.Module, block_name: str, results: dict[str, Quan
         lin.weight.data.copy_(approx.to(lin.weight.dtype))
 
 
-def _advance(block: nn.Module, ref_block: nn.Module | None, streams: _Streams) -> None:
-    """Pass every stream through the finished block: what the next block receives."""
-    for part in (streams.inputs, streams.held) if streams.held else (streams.inputs,):
-        part.hidden = [_block_output(block, h, kw) for h, kw in zip(part.hidden, part.kwargs)]
-    if ref_block is not None:
-        streams.ref.hidden = [_block_output(ref_block, h, kw) for h, kw in zip(streams.ref.hidden, streams.ref.kwargs)]
+def _advance(block: nn.Module, copies: _Copies, streams: _Streams) -> None:
+    """Pass every stream through its copy of the finished block: what the next block receives."""
+    pairs = [(block, streams.inputs), (block, streams.held), (copies.ref, streams.ref), (copies.corr, streams.corr)]
+    for runner, part in pairs:
+        if part is not None:
+            part.hidden = [_block_output(runner, h, kw) for h, kw in zip(part.hidden, part.kwargs)]
 
 
 def _move_non_block_parts(model: nn.Module, blocks: nn.ModuleList, device) -> None:

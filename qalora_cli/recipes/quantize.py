@@ -13,7 +13,7 @@ from ..config.schema import RunConfig
 from ..data.calibration import calibration_batches, describe
 from ..device import resolve_device
 from ..errors import UserError
-from ..lora.init_stats import STATS_NAME, StatsCollector
+from ..lora.init_stats import STATS_NAME, StatsCollector, stats_rank
 from ..models.blocks import decoder_blocks
 from ..models.loading import DTYPES, load_model
 from ..models.quantized_io import gptq_quantization_config, install_quant_linears, save_quantized
@@ -52,7 +52,7 @@ def run(cfg: RunConfig, show_progress: bool = True, resume: bool = False) -> dic
 
     dtype = DTYPES[cfg.output.dtype]
     # What lora.init svd/quailora start from, gathered while W, W~ and H are at hand (lora/init_stats.py)
-    stats = StatsCollector(scale_dtype=dtype) if cfg.output.init_stats else None
+    stats = StatsCollector(scale_dtype=dtype, rank=stats_rank(cfg)) if cfg.output.init_stats else None
     inputs = {"model_weights": tensors_identity(model.state_dict()),
               "calibration": tensors_identity({"ids": calib}, samples=calib.numel())}
     progress = QuantizeProgress.open(progress_dir(out), settings, inputs, len(decoder_blocks(model)[1]),
@@ -93,6 +93,7 @@ def resume_settings(cfg: RunConfig) -> dict:
     return {"model": cfg.model.model_dump(mode="json"), "quantize": cfg.quantize.model_dump(mode="json"),
             "calibration": cfg.calibration.model_dump(mode="json"),
             "output": {"dtype": cfg.output.dtype, "init_stats": cfg.output.init_stats,
+                       "init_stats_inputs": cfg.output.init_stats_inputs, "init_stats_rank": stats_rank(cfg),
                        "max_shard_size": cfg.output.max_shard_size}}
 
 
@@ -159,6 +160,7 @@ def _report(cfg: RunConfig, src, device, layers, stats, seconds: dict, made_with
         "seconds": seconds,
         "mean_rel_output_error": sum(r.rel_output_error for r in layers) / max(1, len(layers)),
         "init_stats": STATS_NAME if stats is not None else None,
+        "init_stats_inputs": stats.inputs() if stats is not None else None,
         "layers": [r.as_dict() for r in layers],
         # what `--resume` checks a finished output against (quant/block_store.py)
         "resume": made_with,
