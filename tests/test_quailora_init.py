@@ -258,9 +258,9 @@ def test_corrected_statistics_are_taken_on_the_inputs_of_the_initialized_model(t
         E = torch.nn.functional.one_hot(m.pool.g_idx.long(), m.groups).double()
         G_ref = E.t() @ H[name] @ E
         assert off(stats, name, G_ref) < 1e-3, name
-        # past the first layers, the uncorrected model's inputs are measurably other ones (2-9% here)
+        # past the first layers, the uncorrected model's inputs are measurably other ones (about 1-9% here)
         if not name.startswith("model.layers.0.self_attn.") or name.endswith("o_proj"):
-            assert off(local, name, G_ref) > 1e-2, name
+            assert off(local, name, G_ref) > 3e-3, name
 
 
 def test_corrected_statistics_leave_the_quantized_checkpoint_unchanged(tiny_model_dir, tmp_path):
@@ -295,6 +295,7 @@ def test_max_steps_0_saves_the_init_and_it_merges_exactly(tiny_model_dir, qbase,
         reports[init] = rep
     q = reports["quailora"]["init"]
     assert q["stats"] == STATS_NAME and 0 <= q["mean_remaining_error"] < 1
+    assert q["stats_inputs"] == f"corrected-sequential rank {RANK}"
     assert q["mean_remaining_error"] <= reports["svd"]["init"]["mean_remaining_error"] + 1e-9
     assert all(row["remaining_error"] >= row["full_rank_remaining_error"] - 1e-9 for row in q["layers"])
     assert reports["quailora"]["before"]["eval_loss"] != reports["zero"]["before"]["eval_loss"]
@@ -304,6 +305,7 @@ def test_max_steps_0_saves_the_init_and_it_merges_exactly(tiny_model_dir, qbase,
     rep = finetune_recipe.run(validate(ft_dict(tiny_model_dir, bare, tmp_path / "fallback"), "t"),
                               show_progress=False)
     assert rep["init"]["stats"].startswith("recomputed from")
+    assert rep["init"]["stats_inputs"] == f"recomputed, corrected-sequential rank {RANK}"
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "quailora" / "adapter_model.safetensors")

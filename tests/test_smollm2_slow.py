@@ -29,17 +29,22 @@ def base():
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     outs = {}
-    for method in ("rtn", "gptq"):
-        out = tmp_path_factory.mktemp(method) / "m"
-        run(load_config("smollm2-135m-int4", SMALL_CALIBRATION + [f"quantize.method={method}",
-                                                                   f"output.dir={out}"]), show_progress=False)
-        outs[method] = out
+    runs = {"rtn": ["quantize.method=rtn", "quantize.target=local"], "gptq": [],  # gptq: the config's default
+            "gptq-local": ["quantize.target=local"]}
+    for name, overrides in runs.items():
+        out = tmp_path_factory.mktemp(name) / "m"
+        run(load_config("smollm2-135m-int4", SMALL_CALIBRATION + overrides + [f"output.dir={out}"]),
+            show_progress=False)
+        outs[name] = out
     return outs
 
 
 def test_gptq_beats_rtn_layer_by_layer(quantized):
+    """The report's layer error is the local objective |(W - W~) X|^2 that plain GPTQ minimizes, so both
+    runs aim at their own float weight here (quantize.target local); the default (float) is scored by the
+    perplexity tests."""
     rtn = json.loads((quantized["rtn"] / REPORT_NAME).read_text())["layers"]
-    gptq = json.loads((quantized["gptq"] / REPORT_NAME).read_text())["layers"]
+    gptq = json.loads((quantized["gptq-local"] / REPORT_NAME).read_text())["layers"]
     assert len(gptq) == 30 * 7
     better = sum(g["rel_output_error"] < r["rel_output_error"] for g, r in zip(gptq, rtn))
     assert better >= 0.95 * len(gptq)

@@ -38,7 +38,7 @@ class QuantizeSection(Section):
     block_size: int = Field(128, ge=1)
     true_sequential: bool = Field(True, description="quantize q/k/v, o, gate/up, down in turn within a block")
     target: Literal["local", "float"] = Field(
-        "local", description="what each layer's output is matched to on its inputs from the quantized layers "
+        "float", description="what each layer's output is matched to on its inputs from the quantized layers "
                              "before it: local = its own float weight's (GPTQ); float = the float model's output for the "
                              "same tokens, so earlier layers' errors are corrected too (GPTAQ's asymmetric calibration)")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N, mps")

@@ -62,6 +62,11 @@ def stats_rank(cfg) -> int | None:
     return cfg.lora.rank if cfg.output.init_stats_inputs == "corrected" else None
 
 
+def inputs_label(rank: int | None) -> str:
+    """Which inputs statistics were taken on, as the file's metadata and the init's report say it."""
+    return f"corrected-sequential rank {rank}" if rank is not None else "quantized-sequential"
+
+
 class StatsCollector:
     """The per-layer callback of quant.sequential.quantize_model (its LayerStatsHook): gathers every
     layer's statistics. `scale_dtype`: the dtype the checkpoint stores scales in, so W~ is the one
@@ -94,8 +99,7 @@ class StatsCollector:
         return qw.dequantize().double() + M[:, qw.g_idx.long()]
 
     def inputs(self) -> str:
-        """Which inputs the statistics were taken on, as the file's metadata records it."""
-        return f"corrected-sequential rank {self.rank}" if self.corrects else "quantized-sequential"
+        return inputs_label(self.rank)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -118,6 +122,17 @@ def _as_layers(tensors: dict[str, torch.Tensor]) -> dict[str, LayerStats]:
         out[n] = LayerStats(tensors[f"{n}.C"], G, tensors[f"{n}.R_mean"], float(tensors[f"{n}.rhr"].sum()),
                             torch.zeros(0))
     return out
+
+
+def stored_inputs(base_dir: str | Path) -> str | None:
+    """Which inputs the checkpoint's stored statistics were taken on (their metadata), if it has any."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(Path(base_dir) / STATS_NAME, "pt") as f:
+            return (f.metadata() or {}).get("inputs")
+    except Exception:
+        return None
 
 
 def load_stats(base_dir: str | Path) -> dict[str, LayerStats] | None:
@@ -255,7 +270,9 @@ def initialize_adapters(cfg, base_dir: str | Path, adapters: dict, note=None,
         f_sum[1] += f0
         layers.append({"layer": name, "remaining_error": round(share, 5), "full_rank_remaining_error": round(best, 5)})
     n = max(1, len(layers))
-    return {"method": method, "stats": where, "seconds": round(time.perf_counter() - t0, 2),
+    inputs = (stored_inputs(base_dir) if where == STATS_NAME else where if given
+              else f"recomputed, {inputs_label(stats_rank(cfg))}")
+    return {"method": method, "stats": where, "stats_inputs": inputs, "seconds": round(time.perf_counter() - t0, 2),
             "seconds_stats": round(t_stats - t0, 2),
             # f(M)/f(0) per layer, |(R - Delta) X|^2 / |R X|^2 on the calibration inputs: 1 is zero init's
             "mean_remaining_error": sum(remaining) / n, "mean_full_rank_remaining_error": sum(limit) / n,

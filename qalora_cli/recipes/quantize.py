@@ -147,6 +147,7 @@ def _report(cfg: RunConfig, src, device, layers, stats, seconds: dict, made_with
     return {
         "model": src.describe(),
         "method": q.method,
+        "target": q.target,
         "bits": q.bits,
         "group_size": q.group_size,
         "sym": q.sym,
