@@ -5,6 +5,7 @@ what it does to a fine-tune. Resumable: every finished row is saved at once to t
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_quailora.py --part step0            # INT4/3/2
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_quailora.py --part sweep --bits 3
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_quailora.py --part finetune         # hours on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_quailora.py --checkpoints out/q --out out/bench/q.json  # afresh
     .venv/bin/python scripts/bench_quailora.py --table                                   # markdown from the JSON
 
 Parts:
@@ -16,11 +17,10 @@ Parts:
   60-step fine-tune's (finetune rows when present, else the README's 595 s); the mean per-layer output
   error left on the calibration inputs.
 - sweep: the same for quailora at ranks 4..64 (a layer's update rank is capped by its number of groups).
-- inputs: quailora from statistics of the asymmetric objective |W X_float - (W~ + Delta) X|^2 (recomputed from
-  the original model, quant/asymmetric.py) instead of the stored |(W - W~ - Delta) X|^2 on the quantized
-  model's own inputs X (all layers' corrections solved on the uncorrected model).
-- corrected: the same objective with X the inputs of the model as corrected so far: solved layer after layer,
-  each finished layer W~ + Delta in a third stream (lora/init_stats.StatsCollector with a rank).
+- local / corrected: quailora from statistics recomputed from the original model (the stored ones, whatever
+  their inputs, are the step0 rows): local, the layer's own weight on the quantized model's inputs,
+  |(W - W~ - Delta) X|^2; corrected, the float model's output from the inputs of the model as corrected
+  so far, |W X_float - (W~ + Delta) X_c|^2, solved layer after layer (lora/init_stats.StatsCollector).
 - finetune: `qalora finetune --config <cfg>` (60 steps) with lora.init zero and quailora, seeds 0, 1, 2:
   held-out loss and exact match before (step 0) and after, and wall times.
 
@@ -65,13 +65,18 @@ def config_for(bits: int) -> str:
     return f"smollm2-135m-int{bits}"
 
 
+# --checkpoints: where the checkpoints are found (and made when missing); None: each config's output.dir
+CHECKPOINTS: Path | None = None
+
+
 def ensure_checkpoint(name: str) -> Path:
     from qalora_cli.config.loader import load_config
 
-    out = ROOT / load_config(name).output.dir
+    out = CHECKPOINTS / name if CHECKPOINTS else ROOT / load_config(name).output.dir
     if not (out / "config.json").is_file():
         print(f"quantizing {name} -> {out}", flush=True)
-        subprocess.run([sys.executable, "-m", "qalora_cli", "quantize", "--config", name], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "qalora_cli", "quantize", "--config", name, f"output.dir={out}"],
+                       cwd=ROOT, check=True)
     return out
 
 
@@ -100,8 +105,8 @@ def float_ppl(res: Results, name: str, tokens: int) -> float:
 
 def step0_row(name: str, base: Path, init: str, rank: int | None, tokens: int, inputs: str = "stored") -> dict:
     """Perplexity of the checkpoint with its adapters initialized by `init` (rank None: the full-rank limit).
-    `inputs`: "stored", the checkpoint's statistics; "asymmetric" / "corrected", recomputed from the original
-    model for |W X_float - (W~ + Delta) X|^2 with X the uncorrected / the corrected model's inputs."""
+    `inputs`: "stored", the checkpoint's statistics; "local" / "corrected", recomputed from the original model
+    (see the module's docstring)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -124,7 +129,7 @@ def step0_row(name: str, base: Path, init: str, rank: int | None, tokens: int, i
     if inputs != "stored":
         from qalora_cli.lora.init_stats import quantized_weights, recompute_stats
 
-        given = (recompute_stats(cfg, cfg.model, quantized_weights(adapters), asymmetric=inputs == "asymmetric",
+        given = (recompute_stats(cfg, cfg.model, quantized_weights(adapters),
                                  rank=rank if inputs == "corrected" else None), inputs)
     stats_s = time.perf_counter() - t
     init_report = initialize_adapters(cfg, base, adapters, given=given)
@@ -166,7 +171,7 @@ def part_step0(res: Results, bits: list[int], tokens: int, ranks: list[int] | No
 def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int) -> None:
     for b in bits:
         name = config_for(b)
-        ensure_checkpoint(name)
+        base = ensure_checkpoint(name)
         for seed in seeds:
             for init in ("zero", "quailora"):
                 key = f"finetune/int{b}/{init}/seed{seed}/{steps}"
@@ -174,7 +179,8 @@ def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int) -
                     continue
                 out = ROOT / "out" / "bench" / "quailora-ft" / f"int{b}-{init}-s{seed}"
                 cmd = [sys.executable, "-m", "qalora_cli", "finetune", "--config", name, "--output", str(out),
-                       "--max-steps", str(steps), "--overwrite", f"lora.init={init}", f"train.seed={seed}"]
+                       "--max-steps", str(steps), "--overwrite", f"lora.init={init}", f"train.seed={seed}",
+                       f"train.quantized_model={base}"]
                 t = time.perf_counter()
                 subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
                 rep = json.loads((out / "finetune_report.json").read_text())
@@ -197,7 +203,8 @@ def table(res: Results, tokens: int) -> str:
              "init s | init / fine-tune |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for b in (4, 3, 2):
         zero = rows.get(f"step0/int{b}/zero/{tokens}")
-        for label in ("zero", "svd", "quailora", "full-rank", "quailora-asymmetric",
+        for label in ("zero", "svd", "quailora", "full-rank", "quailora-asymmetric", "quailora-local",
+                      "quailora-corrected",
                       *[f"quailora-r{r}" for r in (4, 8, 16, 32, 64)]):
             r = rows.get(f"step0/int{b}/{label}/{tokens}")
             if not r:
@@ -226,7 +233,7 @@ def table(res: Results, tokens: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["step0", "sweep", "inputs", "corrected", "finetune", "all"], default="step0")
+    ap.add_argument("--part", choices=["step0", "sweep", "local", "corrected", "finetune", "all"], default="step0")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--ranks", default="4,8,16,32,64")
@@ -234,7 +241,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "quailora.json")
     ap.add_argument("--table", action="store_true", help="print the markdown table from --out and exit")
+    ap.add_argument("--checkpoints", type=Path, help="the checkpoints' folder (made there when missing, with the "
+                                                      "configs' settings); default: each config's output.dir")
     args = ap.parse_args()
+    global CHECKPOINTS
+    CHECKPOINTS = args.checkpoints
     res = Results(args.out)
     if not args.table:
         from qalora_cli.library_logs import quiet_library_logs
@@ -245,10 +256,9 @@ def main() -> int:
             part_step0(res, bits, args.ppl_tokens, None)
         if args.part in ("sweep", "all"):
             part_step0(res, bits, args.ppl_tokens, [int(r) for r in args.ranks.split(",")])
-        if args.part in ("inputs", "all"):
-            part_step0(res, bits, args.ppl_tokens, None, inputs="asymmetric")
-        if args.part in ("corrected", "all"):
-            part_step0(res, bits, args.ppl_tokens, None, inputs="corrected")
+        for inputs in ("local", "corrected"):
+            if args.part in (inputs, "all"):
+                part_step0(res, bits, args.ppl_tokens, None, inputs=inputs)
         if args.part in ("finetune", "all"):
             part_finetune(res, bits, [int(s) for s in args.seeds.split(",")], args.steps)
     print(table(res, args.ppl_tokens))

@@ -8,12 +8,15 @@ writes them beside the checkpoint (STATS_NAME, safetensors, in a subfolder). A c
 recomputed from the original model its quantize_report.json records, through the same block-by-
 block pass (the checkpoint's own weights stand in for GPTQ's choices), so both agree.
 
-Which inputs X: GPTQ's sequential H, i.e. the inputs the quantized model itself gives the layer.
-That is what the layer receives when the adapted model runs, so f(M) is the error the adapter
-actually sees; QuAILoRA's full-precision inputs would score the correction on inputs the layer
-never gets. The asymmetric variant (aim at the full-precision output from the quantized inputs,
-quant/asymmetric.py) is available to `recompute_stats(asymmetric=True)` for comparison
-(docs/BENCHMARKS.md).
+Which inputs X (`output.init_stats_inputs`):
+- quantized: GPTQ's sequential H, the inputs the quantized model itself gives the layer, and the
+  layer's own float weight as the target. Each layer's correction is solved on its own.
+- corrected: a third stream in the block pass runs the model as the init corrects it (every finished
+  layer W~ + Delta at lora.rank), and each layer aims at the float model's output for the same tokens
+  (quant/asymmetric.py): the corrections add up instead of piling up, which they do when all of them
+  aim at the float output from the uncorrected model's inputs.
+QuAILoRA's full-precision inputs would score the correction on inputs the layer never gets.
+Measured side by side: docs/BENCHMARKS.md, "QuAILoRA initialization".
 """
 
 from __future__ import annotations
@@ -184,8 +187,8 @@ def source_model(cfg, base_dir: Path, method: str):
     return section
 
 
-def recompute_stats(cfg, model_section, quantized: dict[str, QuantizedWeight], asymmetric: bool = False,
-                    note=None, rank: int | None = None) -> dict[str, LayerStats]:
+def recompute_stats(cfg, model_section, quantized: dict[str, QuantizedWeight], note=None,
+                    rank: int | None = None) -> dict[str, LayerStats]:
     """The statistics of a checkpoint's layers (`quantized`, its own weights), from the original model and
     this config's calibration section, by the block-by-block pass `quantize` runs. `rank`: on the
     corrected model's inputs (StatsCollector)."""
@@ -205,8 +208,7 @@ def recompute_stats(cfg, model_section, quantized: dict[str, QuantizedWeight], a
                             "quantized from this model")
         return quantized[name], None
 
-    quantize_model(model, calib, cfg.quantize, device, quantize_layer=checkpoint_weight, asymmetric=asymmetric,
-                   layer_stats=collector)
+    quantize_model(model, calib, cfg.quantize, device, quantize_layer=checkpoint_weight, layer_stats=collector)
     return collector.layers()
 
 

@@ -113,7 +113,9 @@ class LayerStatsHook(Protocol):
     """What `lora.init` needs of each layer, gathered while the weight aimed at and H are at hand
     (lora/init_stats.StatsCollector).
 
-    `corrects` False: called with the layer's own target and the quantized model's H; returns None.
+    `corrects` False: called with the layer's own float weight and the quantized model's H (even when
+    the layer aimed at the float model's output: solved on the uncorrected model, such corrections pile
+    up, docs/BENCHMARKS.md); returns None.
     `corrects` True: the statistics are taken on a third stream, the model as the init will correct
     it (every finished layer W~ + Delta): called with the target that maps those inputs to the float
     model's output (quant/asymmetric.py) and their H, it returns the layer's corrected weight, which
@@ -274,8 +276,8 @@ def _quantize_one(lin: nn.Linear, full: str, H: torch.Tensor, H_held: torch.Tens
                         f"overflow in {lin.weight.dtype}; use model.dtype=float32")
     err = output_error(w, approx, H)
     held_err = output_error(w, approx, H_held) if H_held is not None else None
-    if layer_stats is not None:
-        layer_stats(full, target, qw, H)
+    if layer_stats is not None:  # the init's local objective: the layer's own float weight on these inputs
+        layer_stats(full, w, qw, H)
     lin.weight.data.copy_(approx.to(lin.weight.dtype))  # w may share its storage: errors first
     return qw, LayerReport(full, lin.in_features, lin.out_features, err, damp, time.perf_counter() - t0, held_err)
 
