@@ -93,13 +93,16 @@ class StatsCollector:
                             f"{tuple(approx.shape)}: it was not quantized from this model")
         for key, value in layer_stats(target, approx, H, qw.g_idx, qw.scales.shape[0]).items():
             self.tensors[f"{name}.{key}"] = value.cpu().contiguous()
-        return self.corrected_weight(name, qw) if self.corrects else None
+        return self._corrected(name, approx, qw.g_idx) if self.corrects else None
 
     def corrected_weight(self, name: str, qw: QuantizedWeight) -> torch.Tensor:
         """W~ + M E^T: the layer as the quailora init of rank `rank` corrects it, from its statistics."""
         qw = self._stored(qw)
+        return self._corrected(name, qw.dequantize(), qw.g_idx)
+
+    def _corrected(self, name: str, approx: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
         M = init_math.quailora_delta(self.tensors[f"{name}.C"], self.tensors[f"{name}.G"], self.rank)
-        return qw.dequantize().double() + M[:, qw.g_idx.long()]
+        return approx.double() + M[:, g_idx.long()].to(approx.device)
 
     def inputs(self) -> str:
         return inputs_label(self.rank)
