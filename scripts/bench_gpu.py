@@ -25,7 +25,9 @@ decode   `dense`: a bf16 HF LlamaForCausalLM, vs the INT4 checkpoint through loa
          the Triton backend, with its GPTQ integer zeros (`int4-gptq`) and converted to merged
          float zeros (`int4-merged`), and with gptqmodel's kernels (`int4-gptqmodel`; its exllama
          v2 kernel may want --dtype fp16): greedy generate, batch 1 and 8, 32-token prompt, 128
-         new tokens (min_new_tokens).
+         new tokens (min_new_tokens). `dense-graph`, `int4-gptq-graph`, `int4-merged-graph`: the
+         same models with a static KV cache, one greedy step captured as a CUDA graph and replayed
+         (no Python or eager launch cost per step), the graph ones compared with dense-graph.
          Decode tok/s excludes the prefill (time(128) - time(1)); the floor is bandwidth / bytes
          read per step (see bench_gpu_parts.bytes_per_step). Targets: INT4 >= 2.5x bf16 at batch
          1, >= 70% of the floor.
@@ -60,8 +62,10 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("kernels", "decode", "train")
-DECODE_VARIANTS = ("dense", "int4-gptq", "int4-merged", "int4-gptqmodel")
+DECODE_VARIANTS = ("dense", "int4-gptq", "int4-merged", "int4-gptqmodel", "dense-graph", "int4-gptq-graph",
+                   "int4-merged-graph")
 TRAIN_VARIANTS = ("qalora", "qlora-nf4", "lora-bf16")
+KERNEL_CONFIGS = ("int4", "int4-float", "int3", "int2")   # int4: the three layer shapes; the rest 4096x4096
 # (full run, --smoke) defaults of the size options
 SIZES = {"layers": (32, 2), "prompt_len": (32, 8), "new_tokens": (128, 4), "reps": (3, 1), "micro_batch": (4, 2),
          "seq_len": (512, 16), "warmup": (3, 1), "steps": (10, 2)}
@@ -80,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activations and scales of the kernels and decode parts (training is bf16 autocast)")
     p.add_argument("--decode-variants", default=",".join(DECODE_VARIANTS))
     p.add_argument("--train-variants", default=",".join(TRAIN_VARIANTS))
+    p.add_argument("--kernel-configs", default=",".join(KERNEL_CONFIGS),
+                   help="which kernels rows (each one compiles its own Triton kernels: minutes on a cold cache)")
     for k, (full, _) in SIZES.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {full}" + (
             " (decoder layers of the random Llama-2-7B)" if k == "layers" else ""))
@@ -94,10 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.batches = [int(x) for x in a.batches.split(",") if x]
     a.decode_variants = [x for x in a.decode_variants.split(",") if x]
     a.train_variants = [x for x in a.train_variants.split(",") if x]
+    a.kernel_configs = [x for x in a.kernel_configs.split(",") if x]
     if (set(a.parts) - set(PARTS) or set(a.decode_variants) - set(DECODE_VARIANTS)
+            or set(a.kernel_configs) - set(KERNEL_CONFIGS)
             or set(a.train_variants) - set(TRAIN_VARIANTS) or a.new_tokens < 2 or a.steps < 1):
         p.error(f"--parts from {PARTS}, --decode-variants from {DECODE_VARIANTS}, --train-variants from "
-                f"{TRAIN_VARIANTS}; --new-tokens >= 2; --steps >= 1")
+                f"{TRAIN_VARIANTS}, --kernel-configs from {KERNEL_CONFIGS}; --new-tokens >= 2; --steps >= 1")
     a.output = a.output or ROOT / "out/bench" / ("gpu-smoke.json" if a.smoke else "gpu.json")
     return a
 
@@ -184,21 +192,23 @@ def decode_table(res: dict, kernels: dict | None, prep: dict, dtype: str) -> lis
            "| variant | batch | decode tok/s | end-to-end tok/s | ms/step | vs dense | floor tok/s | % of floor "
            "| MB read/step | linears alone (kernels part) ms/step |", "|---|" + "---:|" * 9]
     res = {k: v for k, v in res.items() if isinstance(v, dict)}   # variants (not the child's wall_s)
-    base = res.get("dense", {}).get("batches", {})
     for name, r in res.items():
+        base = res.get("dense-graph" if name.endswith("-graph") else "dense", {}).get("batches", {})
         if status(r):
             out.append(f"| {name} | {status(r)} |" + " |" * 8)
             continue
         for b, s in r["batches"].items():
             ref = base.get(b, {}).get("decode_tokens_per_s")
-            kind = "dense" if name == "dense" else "triton" if name in ("int4-gptq", "int4-merged") else "gptqmodel"
-            lin = linear_time_per_token(kernels, prep, kind, int(b)) if name != "int4-merged" else None
-            out.append(f"| {name} | {b} | {s['decode_tokens_per_s']:.1f} | {s['e2e_tokens_per_s']:.1f} | "
+            kind = "dense" if name.startswith("dense") else "gptqmodel" if name == "int4-gptqmodel" else "triton"
+            lin = linear_time_per_token(kernels, prep, kind, int(b)) if "merged" not in name else None
+            out.append(f"| {name} | {b} | {s['decode_tokens_per_s']:.1f} | {f(s['e2e_tokens_per_s'])} | "
                        f"{s['ms_per_step']:.2f} | " + (f"{s['decode_tokens_per_s'] / ref:.2f}x" if ref else "-") +
                        f" | {s['floor_tokens_per_s']:.1f} | {s['pct_floor']:.1f}% | {s['bytes_per_step'] / 1e6:.1f} | "
                        f"{f(lin and lin * 1e3, '.2f')} |")
     out += ["", *(f"- {n}: {r['kernels']}" for n, r in res.items() if "kernels" in r),
             "- targets: INT4 decode tok/s >= 2.5x dense bf16 at batch 1, and >= 70% of its floor",
+            "- `-graph`: a static KV cache and one decoding step captured as a CUDA graph, replayed (no Python "
+            "per step; compared with dense-graph); the others: HF generate, eager",
             "- floor = batch x bandwidth / bytes per step: quantized codes + scales + zeros (or dense weights), "
             "lm_head, norms, one embedding row and the KV cache at the mean context per sequence",
             "- linears alone: the kernels part's times for this model's linear shapes (INT4 int zeros), summed "

@@ -1,6 +1,7 @@
 """The decoding part of the GPU benchmark (scripts/bench_gpu.py --parts decode): greedy
 generation at batch 1 and 8, dense bf16 against the INT4 checkpoint (GPTQ zeros, merged float
-zeros, GPTQModel's kernels), and the bandwidth floor."""
+zeros, GPTQModel's kernels), through HF generate and as a replayed CUDA graph (`-graph`), and
+the bandwidth floor."""
 
 from __future__ import annotations
 
@@ -89,6 +90,60 @@ def generation_speed(model, args, batch: int, bandwidth: float) -> dict:
             "floor_tokens_per_s": floor, "pct_floor": 100 * batch / step / floor}
 
 
+def graph_speed(model, args, batch: int, bandwidth: float) -> dict:
+    """Greedy decoding without Python in the loop: a static KV cache, one decoding step (forward,
+    argmax, position + 1) captured once as a CUDA graph and replayed new_tokens - 1 times. What
+    the GPU alone can do, apart from eager PyTorch's per-op launch cost that bounds `generate`.
+    On the CPU (--smoke) the same step runs eagerly."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=g).to(dev)
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + args.new_tokens + 8)
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                       cache_position=torch.arange(args.prompt_len, device=dev)).logits
+    token = logits[:, -1:].argmax(-1)
+    pos = torch.tensor([args.prompt_len], device=dev)
+
+    def step():
+        with torch.no_grad():
+            out = model(input_ids=token, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        token.copy_(out[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    steps = args.new_tokens - 1
+    if dev.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):   # autotunes the M = batch kernels, outside the capture
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+        steps -= 4   # the warm-up and captured steps used cache slots too
+    else:
+        run = step
+    times = []
+    for _ in range(args.reps):
+        pos.fill_(args.prompt_len)   # rewrite the same slots: same work every repetition
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync(dev)
+        times.append((time.perf_counter() - t) / steps)
+    step_s = statistics.median(times)
+    nbytes = bytes_per_step(model, batch, args.prompt_len + args.new_tokens / 2)
+    floor = batch * bandwidth * 1e9 / nbytes
+    return {"decode_tokens_per_s": batch / step_s, "e2e_tokens_per_s": None, "ms_per_step": 1e3 * step_s,
+            "bytes_per_step": nbytes, "floor_tokens_per_s": floor, "pct_floor": 100 * batch / step_s / floor}
+
+
 def role_decode(args, prep: dict) -> dict:
     from qalora_cli.models.quantized_io import load_quantized
 
@@ -97,17 +152,18 @@ def role_decode(args, prep: dict) -> dict:
         print(f"[decode] {variant}", file=sys.stderr, flush=True)
         model = None
         try:
-            if variant == "dense":
+            if variant in ("dense", "dense-graph"):
                 model, kernels = random_dense(dense_config(ckpt), dev), f"dense {str(P.DTYPE)[6:]} (torch.matmul)"
             else:
                 if variant == "int4-gptqmodel" and importlib.util.find_spec("gptqmodel") is None:
                     raise Skip("gptqmodel is not installed")   # before loading 4 GB for nothing
                 model, _ = load_quantized(ckpt, dev, P.DTYPE)
-                if variant == "int4-merged":
+                if variant in ("int4-merged", "int4-merged-graph"):
                     to_float_zeros(model)
                 kernels = use_kernel(model, "gptqmodel" if variant == "int4-gptqmodel" else "triton", False)
+            speed = graph_speed if variant.endswith("-graph") else generation_speed
             out[variant] = {"kernels": kernels, "batches": {
-                str(b): generation_speed(model, args, b, prep["bandwidth_gbs"]) for b in args.batches}}
+                str(b): speed(model, args, b, prep["bandwidth_gbs"]) for b in args.batches}}
             if variant == "int4-gptqmodel":
                 out[variant]["kernels"] += f"; GPTQModel modules: {peer_kernels(model)}"
         except Skip as e:

@@ -213,8 +213,9 @@ def role_kernels(args, prep: dict) -> dict:
 
     dev, bw = device(args), prep["bandwidth_gbs"] * 1e9
     shapes = KERNEL_SHAPES[args.smoke]
-    configs = [(k, n, 4, "int") for k, n in shapes] + [(*shapes[0], 4, "float"), (*shapes[0], 3, "int"),
-                                                       (*shapes[0], 2, "int")]
+    chosen = {"int4": [(k, n, 4, "int") for k, n in shapes], "int4-float": [(*shapes[0], 4, "float")],
+              "int3": [(*shapes[0], 3, "int")], "int2": [(*shapes[0], 2, "int")]}
+    configs = [c for name in args.kernel_configs for c in chosen[name]]
     rows = []
     for k, n, bits, zero_kind in configs:
         print(f"[kernels] {k}x{n} int{bits} {zero_kind} zeros", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """The Triton kernels against float64 math, on fresh random data: every bit width, integer and
-float zero points, contiguous, act-order and per-channel groups, odd shapes, the three kernels
-(forward, input gradient, matrix-vector). Without a GPU they run under TRITON_INTERPRET=1
+float zero points, contiguous, act-order and per-channel groups, odd shapes, the forward, the
+input gradient, the matrix-vector kernel and the dequantization the first two multiply with. Without a GPU they run under TRITON_INTERPRET=1
 (set in conftest.py), so shapes stay small."""
 
 from __future__ import annotations
@@ -78,6 +78,32 @@ def test_matvec_path_matches_float64(rows, bits, zero_kind, layout):
         assert rel_err(y, want) < RTOL[dtype], (dtype, rel_err(y, want))
         y2 = T.quant_matvec(x.to(DEVICE, dtype), *args)
         assert torch.equal(y, y2)   # deterministic: fixed split, fixed summation order
+
+
+# Group sizes whose tiles stay inside one group (32: 32-row tiles; 48: 16-row tiles; the
+# per-channel 96: 32-row tiles), one too odd for that (24: rows looked up in g_idx), act-order.
+@pytest.mark.parametrize("bits, group_size, layout, zero_kind, K", [
+    (4, 32, "contiguous", "int", 128), (3, 48, "contiguous", "float", 96), (4, 24, "contiguous", "int", 96),
+    (2, -1, "contiguous", "int", 96), (8, 32, "act_order", "float", 64), (3, 32, "act_order", "int", 96)])
+def test_dequantize_is_the_torch_paths_weight_bit_for_bit(bits, group_size, layout, zero_kind, K):
+    """W~ rounded once from float32, as TorchQuantLinear's torch path forms it, and within
+    that rounding of the float64 definition."""
+    from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
+
+    N = 64
+    qw = random_weight(N, K, bits, group_size, layout, zero_kind, seed=bits + K + group_size)
+    args = kernel_args(qw, zero_kind)
+    layer = TorchQuantLinear(K, N, bits, args[5], False, zero_kind, torch.float16)
+    layer.qweight.copy_(args[0])
+    layer.scales.copy_(args[1])
+    (layer.qzeros if zero_kind == "int" else layer.zeros).copy_(args[2])
+    layer.g_idx.copy_(args[3])
+    layer.set_backend("torch", None)
+    for dtype in (torch.float32, torch.float16):
+        w = T.dequantize(*args, dtype)
+        assert w.dtype == dtype and w.shape == (K, N)
+        assert torch.equal(w.cpu(), layer.to(DEVICE)._weight_in_out(dtype).cpu()), dtype
+        assert rel_err(w, reference(qw)) < RTOL[dtype]
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="the Triton interpreter computes bfloat16 dots wrongly (a plain "

@@ -1,6 +1,7 @@
-"""The Triton backend: the fused dequantize-and-matmul kernels of triton_quant_matmul behind
-the QuantLinear interface, with autograd (the input gradient is a second fused kernel, so no
-dequantized weight is ever kept for the backward pass, or written at all)."""
+"""The Triton backend: the kernels of triton_quant_matmul behind the QuantLinear interface, with
+autograd. Decoding (up to 8 rows) never writes W~; larger products dequantize W~ for the one
+call and multiply with cuBLAS, and the backward pass dequantizes again, so no W~ is kept
+between the passes."""
 
 from __future__ import annotations
 

@@ -1,20 +1,30 @@
-"""Triton kernels: matmuls with a group-wise quantized weight, dequantized tile by tile in
-registers, so W~ is never written to GPU memory.
+"""Triton kernels for a group-wise quantized weight, as the checkpoint stores it:
 
     W~[k, n] = s[g(k), n] * (q[k, n] - z[g(k), n])        (docs/DESIGN.md, "The math")
 
+- `quant_matvec`:    y  = x  @ W~ for M <= 8 rows (decoding): W~ is dequantized tile by tile in
+  registers and never written; each program reduces a slice of K for a strip of outputs, and
+  the K slices are summed afterwards (split-K gives a 4096-wide layer enough programs).
+- `dequantize`:      W~ [K, N] in the input's dtype, one pass that reads the packed codes once.
 - `quant_matmul`:    y  = x  @ W~      x [M, K]  -> y  [M, N]   (the forward pass)
 - `quant_matmul_t`:  dx = dy @ W~^T    dy [M, N] -> dx [M, K]   (the input gradient)
-- `quant_matvec`:    y  = x  @ W~ for M <= 8 (decoding): no tensor cores to fill, so each
-  program reduces a slice of K for a strip of outputs with elementwise products, and the K
-  slices are summed afterwards (split-K gives a 4096-wide layer enough programs for a GPU).
+
+Above 8 rows the product is bound by arithmetic, not by reading the weight, so the two matmuls
+write W~ once (about 10 us for a 4096 x 11008 layer on an H200) and hand it to cuBLAS, which no
+tile loop that dequantizes per row block can match: measured on an H200 (docs/BENCHMARKS.md,
+"Kernels on CUDA"), the fused tile kernels this replaced took 43x cuBLAS's time at M = 512.
+W~ lives only for the one call: the backward pass dequantizes again, so no W~ is kept between
+the passes, and at most one layer's W~ exists at a time (bitsandbytes' NF4 path does the same).
 
 Layouts are the checkpoint's, untouched: `qweight` int32 [K*b/32, N] holds the codes as a
 little-endian bit stream along K (3-bit values may straddle two words, the GPTQ layout);
 scales [G, N]; zero points either float32 [G, N] (merged QA-LoRA) or GPTQ v1 `qzeros` int32
 [G, N*b/32] packed along N and stored as z-1; g_idx int32 [K]. W~ is formed in float32 and
-rounded to the input's dtype before the product, as the torch reference does, so the two agree
-to the rounding of the accumulation order.
+rounded to the input's dtype, as the torch reference does, so `dequantize` gives the torch
+path's W~ bit for bit and the matmuls agree with it to the accumulation order.
+
+With contiguous groups a tile of rows is chosen inside one group, so its scales and zero points
+are one row each, read once per tile; act-order layers read each row's group from g_idx.
 
 Under TRITON_INTERPRET=1 the kernels run on the CPU (numpy), which is how CI checks them; the
 autotuner then has a single small configuration so that tests stay quick.
@@ -85,15 +95,11 @@ def _zero_points(z_ptr, g, offs_n, N, mask, BITS: tl.constexpr, ZERO_FLOAT: tl.c
 
 
 @triton.jit
-def _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N,
-                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_FLOAT: tl.constexpr,
-                 CONTIGUOUS: tl.constexpr):
-    """W~[offs_k, offs_n] in float32 [BK, BN] (0 outside the matrix)."""
+def _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N, BITS: tl.constexpr, ZERO_FLOAT: tl.constexpr):
+    """W~[offs_k, offs_n] in float32 [BK, BN] (0 outside the matrix), each row's group read
+    from g_idx (act-order, or groups a tile cannot stay inside)."""
     q = _codes(qw_ptr, offs_k, offs_n, K, N, BITS).to(tl.float32)
-    if CONTIGUOUS:
-        g = offs_k // GROUP_SIZE
-    else:  # act-order: a column's group is read from g_idx
-        g = tl.load(gi_ptr + offs_k, mask=offs_k < K, other=0)
+    g = tl.load(gi_ptr + offs_k, mask=offs_k < K, other=0)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     g2 = g[:, None] + offs_n[None, :] * 0
     n2 = offs_n[None, :] + g[:, None] * 0
@@ -102,73 +108,50 @@ def _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N,
     return s * (q - z)
 
 
+@triton.jit
+def _tile(qw_ptr, s_ptr, z_ptr, gi_ptr, k0, offs_k, offs_n, K, N,
+          BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_FLOAT: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """W~[offs_k, offs_n] in float32 [BK, BN] for offs_k = k0 + arange(BK). ONE_GROUP: contiguous
+    groups and BK dividing the group size, so the whole tile is group k0 // GROUP_SIZE and its
+    scales and zero points are a single row [BN]; otherwise each row's group is looked up."""
+    if ONE_GROUP:
+        q = _codes(qw_ptr, offs_k, offs_n, K, N, BITS).to(tl.float32)
+        g = k0 // GROUP_SIZE
+        ok_n = offs_n < N
+        s = tl.load(s_ptr + g * N + offs_n, mask=ok_n, other=0.0).to(tl.float32)
+        z = _zero_points(z_ptr, g, offs_n, N, ok_n, BITS, ZERO_FLOAT)
+        w = s[None, :] * (q - z[None, :])
+        return tl.where(offs_k[:, None] < K, w, 0.0)
+    return _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N, BITS, ZERO_FLOAT)
+
+
 @triton.autotune(
-    configs=_configs([(64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                      (32, 128, 64, 4, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 5)],
-                     (16, 32, 32, 4, 1), ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    key=["M_BUCKET", "N", "K", "BITS", "ZERO_FLOAT", "CONTIGUOUS"],
+    configs=_configs([(64, 4, 1), (128, 4, 1), (256, 4, 1), (256, 8, 1)], (32, 1, 1), ("BLOCK_N",)),
+    key=["N", "K", "BITS", "ZERO_FLOAT", "ONE_GROUP", "BLOCK_K"],
 )
 @triton.jit
-def _matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, y_ptr, M, N, K, M_BUCKET,
-                   stride_xm, stride_ym,
-                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_FLOAT: tl.constexpr,
-                   CONTIGUOUS: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N, BITS, GROUP_SIZE, ZERO_FLOAT,
-                         CONTIGUOUS)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, gi_ptr, w_ptr, N, K,
+                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_FLOAT: tl.constexpr,
+                    ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w[k, n] = W~[k, n] in w's dtype, one [BLOCK_K, BLOCK_N] tile per program."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _tile(qw_ptr, s_ptr, z_ptr, gi_ptr, k0, offs_k, offs_n, K, N, BITS, GROUP_SIZE, ZERO_FLOAT, ONE_GROUP)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
 @triton.autotune(
-    configs=_configs([(64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                      (32, 64, 128, 4, 4)],
-                     (16, 32, 32, 4, 1), ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
-    key=["M_BUCKET", "N", "K", "BITS", "ZERO_FLOAT", "CONTIGUOUS"],
-)
-@triton.jit
-def _matmul_t_kernel(dy_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, dx_ptr, M, N, K, M_BUCKET,
-                     stride_dym, stride_dxm,
-                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_FLOAT: tl.constexpr,
-                     CONTIGUOUS: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N, BITS, GROUP_SIZE, ZERO_FLOAT,
-                         CONTIGUOUS)
-        acc += tl.dot(dy, tl.trans(w.to(dy.dtype)), input_precision=PRECISION)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
-
-
-@triton.autotune(
-    configs=_configs([(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 256, 4, 4),
-                      (256, 32, 4, 4), (32, 128, 2, 4)],
-                     (32, 32, 1, 1), ("BLOCK_N", "BLOCK_K")),
-    key=["N", "K", "ROWS", "SPLIT_K", "BITS", "ZERO_FLOAT", "CONTIGUOUS"],
+    configs=_configs([(64, 4, 3), (128, 4, 3), (256, 4, 3), (128, 8, 3), (256, 8, 4), (32, 2, 4)],
+                     (32, 1, 1), ("BLOCK_N",)),
+    key=["N", "K", "ROWS", "SPLIT_K", "BITS", "ZERO_FLOAT", "ONE_GROUP", "BLOCK_K"],
 )
 @triton.jit
 def _matvec_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, part_ptr, M, N, K, stride_xm,
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_FLOAT: tl.constexpr,
-                   CONTIGUOUS: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ONE_GROUP: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """part[split, m, n] = the sum over this split's K tiles of x[m, k] W~[k, n]. One row: an
     elementwise product reduced over K; up to 8 rows: a dot with the rows padded to ROWS=16
     (decoding is bound by reading the weight, so the padded tensor-core work costs nothing)."""
@@ -179,8 +162,7 @@ def _matvec_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, part_ptr, M, N, K, strid
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_s * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = _weight_tile(qw_ptr, s_ptr, z_ptr, gi_ptr, offs_k, offs_n, K, N, BITS, GROUP_SIZE, ZERO_FLOAT,
-                         CONTIGUOUS)
+        w = _tile(qw_ptr, s_ptr, z_ptr, gi_ptr, k0, offs_k, offs_n, K, N, BITS, GROUP_SIZE, ZERO_FLOAT, ONE_GROUP)
         if ROWS == 1:
             x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
             # W~ rounded to the input's dtype, as in the other kernels; products summed in float32.
@@ -194,6 +176,18 @@ def _matvec_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gi_ptr, part_ptr, M, N, K, strid
              mask=(rows[:, None] < M) & (offs_n[None, :] < N))
 
 
+def _block_k(group_size: int, contiguous: bool) -> tuple[int, bool]:
+    """(rows per tile, whether a tile lies inside one group). With contiguous groups: the
+    largest power of two dividing the group size, at most 64, so tiles start on group
+    boundaries' multiples and never straddle one; tl.dot needs at least 16. Otherwise 32 rows
+    whose groups are looked up one by one."""
+    if contiguous:
+        bk = min(group_size & -group_size, 64)
+        if bk >= 16:
+            return bk, True
+    return 32, False
+
+
 def _split_k(n: int, k: int, device: torch.device) -> int:
     """K slices per output strip, so that a decoding step has about two programs per
     multiprocessor (a 4096 x 4096 layer has only 32 strips of 128 outputs); each slice keeps at
@@ -203,11 +197,6 @@ def _split_k(n: int, k: int, device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     strips = triton.cdiv(n, 128)
     return max(1, min(triton.cdiv(2 * sms, strips), k // 256, 16))
-
-
-def _m_bucket(m: int) -> int:
-    """Autotune once per power-of-two batch size, not once per sequence length."""
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def _check(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
@@ -223,40 +212,40 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _meta(bits: int, group_size: int, zeros: torch.Tensor, contiguous: bool) -> dict:
-    return dict(BITS=bits, GROUP_SIZE=group_size, ZERO_FLOAT=zeros.dtype.is_floating_point, CONTIGUOUS=contiguous)
+    block_k, one_group = _block_k(group_size, contiguous)
+    return dict(BITS=bits, GROUP_SIZE=group_size, ZERO_FLOAT=zeros.dtype.is_floating_point, ONE_GROUP=one_group,
+                BLOCK_K=block_k)
+
+
+def dequantize(qweight, scales, zeros, g_idx, bits: int, group_size: int, contiguous: bool,
+               dtype: torch.dtype) -> torch.Tensor:
+    """W~ [K, N] in `dtype` (float32 values rounded once, as the torch path's W~)."""
+    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    meta = _meta(bits, group_size, zeros, contiguous)
+
+    def grid(m):
+        return triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, m["BLOCK_N"])
+
+    _dequant_kernel[grid](qweight, scales, zeros, g_idx, w, N, K, **meta)
+    return w
 
 
 def quant_matmul(x, qweight, scales, zeros, g_idx, bits: int, group_size: int, contiguous: bool) -> torch.Tensor:
     """y = x @ W~: x [M, K] -> [M, N] in x's dtype. group_size: the columns per group where
-    `contiguous` (g = k // group_size); otherwise g_idx is read."""
-    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    `contiguous` (g = k // group_size); otherwise g_idx is read. Up to 8 rows: the fused
+    matrix-vector kernel; more: W~ for this call, then cuBLAS."""
+    K = qweight.shape[0] * 32 // bits
     x = _check(x, K, "x")
-    M = x.shape[0]
-    if M <= MATVEC_MAX_M:
+    if x.shape[0] <= MATVEC_MAX_M:
         return quant_matvec(x, qweight, scales, zeros, g_idx, bits, group_size, contiguous)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-
-    def grid(meta):
-        return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])
-
-    _matmul_kernel[grid](x, qweight, scales, zeros, g_idx, y, M, N, K, _m_bucket(M), x.stride(0), y.stride(0),
-                         PRECISION=_precision(x), **_meta(bits, group_size, zeros, contiguous))
-    return y
+    return x @ dequantize(qweight, scales, zeros, g_idx, bits, group_size, contiguous, x.dtype)
 
 
 def quant_matmul_t(dy, qweight, scales, zeros, g_idx, bits: int, group_size: int, contiguous: bool) -> torch.Tensor:
-    """dx = dy @ W~^T: dy [M, N] -> [M, K] in dy's dtype."""
-    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
-    dy = _check(dy, N, "dy")
-    M = dy.shape[0]
-    dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
-
-    def grid(meta):
-        return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"])
-
-    _matmul_t_kernel[grid](dy, qweight, scales, zeros, g_idx, dx, M, N, K, _m_bucket(M), dy.stride(0), dx.stride(0),
-                           PRECISION=_precision(dy), **_meta(bits, group_size, zeros, contiguous))
-    return dx
+    """dx = dy @ W~^T: dy [M, N] -> [M, K] in dy's dtype (training's backward: many rows)."""
+    dy = _check(dy, qweight.shape[1], "dy")
+    return dy @ dequantize(qweight, scales, zeros, g_idx, bits, group_size, contiguous, dy.dtype).t()
 
 
 def quant_matvec(x, qweight, scales, zeros, g_idx, bits: int, group_size: int, contiguous: bool) -> torch.Tensor:
