@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {full}" + (
             " (decoder layers of the random Llama-2-7B)" if k == "layers" else ""))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--role", help=argparse.SUPPRESS)   # child: prepare, kernels, decode, train:<variant>
+    p.add_argument("--role", help=argparse.SUPPRESS)   # child: prepare, kernels, decode:<variant>, train:<variant>
     p.add_argument("--run", help=argparse.SUPPRESS)    # child: the folder of the children's results
     a = p.parse_args(argv)
     for k, sizes in SIZES.items():
@@ -293,8 +293,8 @@ def main() -> int:
         if "kernels" in args.parts:
             results["kernels"] = spawn(args, "kernels", run, work)
         if "decode" in args.parts:
-            results["decode"] = spawn(args, "decode", run, work) if "checkpoint" in prep else \
-                {"error": f"no checkpoint ({status(prep)})"}
+            results["decode"] = {v: spawn(args, f"decode:{v}", run, work) for v in args.decode_variants} \
+                if "checkpoint" in prep else {"error": f"no checkpoint ({status(prep)})"}
         if "train" in args.parts:
             results["train"] = {v: spawn(args, f"train:{v}", run, work) for v in args.train_variants}
     md = render(args, prep, results, command, date)

@@ -5,19 +5,16 @@ the bandwidth floor."""
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 import bench_gpu_parts as P  # P.DTYPE is read when used: --dtype may have set it
-from bench_gpu_parts import (Skip, dense_config, device, one_line, peer_kernels, quant_bytes,
-                             random_dense, sync, use_kernel)
+from bench_gpu_parts import Skip, dense_config, device, peer_kernels, quant_bytes, random_dense, sync, use_kernel
 
 
 def to_float_zeros(model) -> None:
@@ -90,6 +87,17 @@ def generation_speed(model, args, batch: int, bandwidth: float) -> dict:
             "floor_tokens_per_s": floor, "pct_floor": 100 * batch / step / floor}
 
 
+def rewind(cache, pos: torch.Tensor, length: int) -> None:
+    """Back to `length` cached tokens, in place (the graph holds these tensors' addresses).
+    Recent transformers' static layers count their own write position (`cumulative_length`)
+    instead of reading cache_position, so both are set; left alone, the repetitions write past
+    the cache's end (a device-side index assert on an H200, 2026-11-30)."""
+    pos.fill_(length)
+    for layer in getattr(cache, "layers", []):
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.fill_(length)
+
+
 def graph_speed(model, args, batch: int, bandwidth: float) -> dict:
     """Greedy decoding without Python in the loop: a static KV cache, one decoding step (forward,
     argmax, position + 1) captured once as a CUDA graph and replayed new_tokens - 1 times. What
@@ -130,7 +138,7 @@ def graph_speed(model, args, batch: int, bandwidth: float) -> dict:
         run = step
     times = []
     for _ in range(args.reps):
-        pos.fill_(args.prompt_len)   # rewrite the same slots: same work every repetition
+        rewind(cache, pos, args.prompt_len)   # rewrite the same slots: same work every repetition
         sync(dev)
         t = time.perf_counter()
         for _ in range(steps):
@@ -144,37 +152,23 @@ def graph_speed(model, args, batch: int, bandwidth: float) -> dict:
             "bytes_per_step": nbytes, "floor_tokens_per_s": floor, "pct_floor": 100 * batch / step_s / floor}
 
 
-def role_decode(args, prep: dict) -> dict:
+def role_decode(args, prep: dict, variant: str) -> dict:
+    """One variant, in its own process: a device-side assert or an out-of-memory poisons the
+    CUDA context, and must cost that variant's rows only."""
     from qalora_cli.models.quantized_io import load_quantized
 
-    dev, ckpt, out = device(args), Path(prep["checkpoint"]), {}
-    for variant in args.decode_variants:
-        print(f"[decode] {variant}", file=sys.stderr, flush=True)
-        model = None
-        try:
-            if variant in ("dense", "dense-graph"):
-                model, kernels = random_dense(dense_config(ckpt), dev), f"dense {str(P.DTYPE)[6:]} (torch.matmul)"
-            else:
-                if variant == "int4-gptqmodel" and importlib.util.find_spec("gptqmodel") is None:
-                    raise Skip("gptqmodel is not installed")   # before loading 4 GB for nothing
-                model, _ = load_quantized(ckpt, dev, P.DTYPE)
-                if variant in ("int4-merged", "int4-merged-graph"):
-                    to_float_zeros(model)
-                kernels = use_kernel(model, "gptqmodel" if variant == "int4-gptqmodel" else "triton", False)
-            speed = graph_speed if variant.endswith("-graph") else generation_speed
-            out[variant] = {"kernels": kernels, "batches": {
-                str(b): speed(model, args, b, prep["bandwidth_gbs"]) for b in args.batches}}
-            if variant == "int4-gptqmodel":
-                out[variant]["kernels"] += f"; GPTQModel modules: {peer_kernels(model)}"
-        except Skip as e:
-            out[variant] = {"skipped": str(e)}
-        except Exception as e:
-            traceback.print_exc()
-            out[variant] = {"error": one_line(e)}
-        del model
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    dev, ckpt = device(args), Path(prep["checkpoint"])
+    if variant in ("dense", "dense-graph"):
+        model, kernels = random_dense(dense_config(ckpt), dev), f"dense {str(P.DTYPE)[6:]} (torch.matmul)"
+    else:
+        if variant == "int4-gptqmodel" and importlib.util.find_spec("gptqmodel") is None:
+            raise Skip("gptqmodel is not installed")   # before loading 4 GB for nothing
+        model, _ = load_quantized(ckpt, dev, P.DTYPE)
+        if variant in ("int4-merged", "int4-merged-graph"):
+            to_float_zeros(model)
+        kernels = use_kernel(model, "gptqmodel" if variant == "int4-gptqmodel" else "triton", False)
+    speed = graph_speed if variant.endswith("-graph") else generation_speed
+    out = {"kernels": kernels, "batches": {str(b): speed(model, args, b, prep["bandwidth_gbs"]) for b in args.batches}}
+    if variant == "int4-gptqmodel":
+        out["kernels"] += f"; GPTQModel modules: {peer_kernels(model)}"
     return out
-
-

@@ -6,8 +6,12 @@
 #
 #   scripts/bench_gpu_device.sh OUTDIR        # OUTDIR gets the JSON + markdown of each part and log.txt
 #
-# Wheels the machine lacks (bitsandbytes for the QLoRA baseline; pydantic for
-# qalora itself) are installed from .whl/ when it is there (docs/BENCHMARKS.md says how it is filled).
+# Wheels the machine lacks (bitsandbytes for the QLoRA baseline; pydantic for qalora itself)
+# are installed from .whl/ when it is there. Filled once, on a machine with PyPI, for its
+# Python (3.12 on the lent H200s):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     bitsandbytes pydantic pydantic_core annotated-types typing-inspection typing_extensions
 # Training runs on 8 layers of the random Llama-2-7B, so that the
 # 13.5 GB bf16 copy QLoRA loads from shrinks to 3.5 GB (tokens/s and memory are then per 8 layers).
 set -u

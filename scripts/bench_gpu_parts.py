@@ -1,5 +1,5 @@
 """The measurements of scripts/bench_gpu.py, each run in a child process of it (one per role:
-prepare, kernels, decode, train:<variant>), so a crash, an out-of-memory or a poisoned CUDA
+prepare, kernels, decode:<variant>, train:<variant>), so a crash, an out-of-memory or a poisoned CUDA
 context costs one row, not the run, and each training variant's peak memory is its own.
 Nothing here is meant to be run directly; see bench_gpu.py for the commands and the figures.
 """
@@ -294,10 +294,10 @@ def run_role(args) -> dict:
     prep = json.loads((Path(args.run) / "prepare.json").read_text())
     if args.role == "kernels":
         return role_kernels(args, prep)
-    if args.role == "decode":
+    if args.role.startswith("decode:"):
         from bench_gpu_decode import role_decode
 
-        return role_decode(args, prep)
+        return role_decode(args, prep, args.role.split(":", 1)[1])
     from bench_gpu_train import role_train
 
     return role_train(args, prep, args.role.split(":", 1)[1])
