@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 

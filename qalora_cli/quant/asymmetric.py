@@ -16,9 +16,6 @@ is small against the rounding noise, and letting that noise pile up block after 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from ..models.blocks import BlockInputs, StopForward, linear_layers
 
 
 class CrossAccumulator:
@@ -35,41 +32,6 @@ class CrossAccumulator:
         self.C *= self.tokens / (self.tokens + n)
         self.tokens += n
         self.C.addmm_(x_ref.t(), x, alpha=2.0 / self.tokens)
-
-
-def _layer_inputs(block: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
-    """The input each named layer receives, from one forward pass stopped once all have seen theirs."""
-    layers, seen = linear_layers(block), {}
-
-    def hook(name):
-        def f(_mod, args):
-            seen[name] = args[0]
-            if len(seen) == len(names):
-                raise StopForward
-        return f
-
-    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        block(hidden, **kwargs)
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-@torch.no_grad()
-def cross_inputs(block: nn.Module, ref_block: nn.Module, names: list[str], inputs: BlockInputs,
-                 ref_inputs: BlockInputs) -> dict[str, CrossAccumulator]:
-    """C per named layer, pairing the reference block's inputs with this block's, token by token."""
-    accs: dict[str, CrossAccumulator] = {}
-    for hidden, ref_hidden, kw in zip(inputs.hidden, ref_inputs.hidden, inputs.kwargs):
-        mine = _layer_inputs(block, names, hidden, kw)
-        ref = _layer_inputs(ref_block, names, ref_hidden, kw)
-        for n in names:
-            accs.setdefault(n, CrossAccumulator(mine[n].shape[-1], mine[n].device)).add(ref[n], mine[n])
-    return accs
 
 
 def asymmetric_target(weight: torch.Tensor, C: torch.Tensor, H: torch.Tensor, damp_percent: float) -> torch.Tensor:

@@ -15,10 +15,11 @@ from torch import nn
 
 from ..config.schema import QuantizeSection
 from ..errors import UserError
-from ..models.blocks import (BlockInputs, StopForward, capture_block_inputs, decoder_blocks, linear_layers,
+from ..models.blocks import (BlockInputs, capture_block_inputs, decoder_blocks, linear_layers,
                              sequential_groups)
-from .asymmetric import asymmetric_target, cross_inputs
-from .gptq import HessianAccumulator, gptq_quantize, output_error
+from .asymmetric import asymmetric_target
+from .group_stats import Stream, group_stats
+from .gptq import gptq_quantize, output_error
 from .groups import check_group_size
 from .pack import check_packable
 from .result import QuantizedWeight
@@ -53,48 +54,6 @@ def check_layers(model: nn.Module, q: QuantizeSection) -> None:
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def _hessians(block: nn.Module, names: list[str], inputs: BlockInputs, stop_early: bool) -> dict[str, HessianAccumulator]:
-    """One forward pass over the calibration batches, accumulating the input Hessian of each
-    named layer. Layers fed the same tensor share one accumulator; with `stop_early` the pass
-    ends as soon as every named layer has seen its input."""
-    layers = linear_layers(block)
-    accs: dict[str, HessianAccumulator] = {}
-    # Keyed by id, holding the tensor too: alive, its id cannot be reused by a later input.
-    by_input: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}
-    fired: set[str] = set()
-
-    def hook(name):
-        def f(_mod, args):
-            x = args[0]
-            seen = by_input.get(id(x))
-            if seen is not None and seen[0] is x:
-                acc = seen[1]
-            else:
-                acc = accs.get(name) or HessianAccumulator(x.shape[-1], x.device)
-                acc.add(x)
-                by_input[id(x)] = (x, acc)
-            accs[name] = acc
-            fired.add(name)
-            if stop_early and fired.issuperset(names):
-                raise StopForward
-        return f
-
-    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for hidden, kw in zip(inputs.hidden, inputs.kwargs):
-            by_input.clear()
-            fired.clear()
-            try:
-                block(hidden, **kw)
-            except StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return accs
 
 
 def _quantize_layer(weight: torch.Tensor, H: torch.Tensor, q: QuantizeSection) -> tuple[QuantizedWeight, float | None]:
@@ -243,22 +202,22 @@ def _quantize_block(block: nn.Module, block_name: str, streams: _Streams, copies
         groups = [list(layers)]
     results: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
+    ref = Stream(copies.ref, streams.ref) if streams.ref is not None else None
+    corr = Stream(copies.corr, streams.corr) if copies.corr is not None else None
     for group in groups:
-        accs = _hessians(block, group, inputs, stop_early=q.true_sequential)
-        held_accs = _hessians(block, group, held, stop_early=q.true_sequential) if held else {}
-        cross = cross_inputs(block, copies.ref, group, inputs, streams.ref) if asymmetric else {}
-        corr = _corrected_inputs(copies, group, streams, q.true_sequential) if copies.corr is not None else {}
+        st = group_stats(group, Stream(block, inputs), ref, corr, cross=asymmetric)
+        held_H = group_stats(group, Stream(block, held)).H if held else {}
         for name in group:
             full = f"{block_name}.{name}"
-            H_held = held_accs[name].H if held else None
-            C = cross[name].C if asymmetric else None
             w = layers[name].weight.data.float().clone() if corr else None
-            results[full], report = _quantize_one(layers[name], full, accs[name].H, H_held, C, q, quantize_layer,
+            results[full], report = _quantize_one(layers[name], full, st.H[name], held_H.get(name),
+                                                  st.C[name] if asymmetric else None, q, quantize_layer,
                                                   None if corr else layer_stats)
             if corr:
-                _correct_one(linear_layers(copies.corr)[name], full, w, results[full], *corr[name], q, layer_stats)
+                _correct_one(linear_layers(copies.corr)[name], full, w, results[full], st.H_corr[name],
+                             st.C_corr[name], q, layer_stats)
             reports.append(report)
-        del accs, held_accs, cross, corr
+        del st, held_H
     return results, reports
 
 
@@ -280,15 +239,6 @@ def _quantize_one(lin: nn.Linear, full: str, H: torch.Tensor, H_held: torch.Tens
         layer_stats(full, w, qw, H)
     lin.weight.data.copy_(approx.to(lin.weight.dtype))  # w may share its storage: errors first
     return qw, LayerReport(full, lin.in_features, lin.out_features, err, damp, time.perf_counter() - t0, held_err)
-
-
-def _corrected_inputs(copies: _Copies, group: list[str], streams: _Streams, stop_early: bool
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(H, C) per layer of the group on the corrected stream: its inputs' Gram matrix, and their
-    pairing with the reference stream's (quant/asymmetric.py)."""
-    accs = _hessians(copies.corr, group, streams.corr, stop_early)
-    cross = cross_inputs(copies.corr, copies.ref, group, streams.corr, streams.ref)
-    return {name: (accs[name].H, cross[name].C) for name in group}
 
 
 def _correct_one(corr_lin: nn.Linear, full: str, w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor,
