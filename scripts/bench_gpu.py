@@ -9,7 +9,8 @@ libraries are installed; a missing one is skipped with its reason, never a crash
     .venv/bin/python scripts/bench_gpu.py --parts train --output out/bench/gpu-train.json
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_gpu.py --smoke  # CPU, Triton interpreter, tiny shapes
 
-Where one command may run 10 minutes, run the parts one by one. The random INT4 checkpoint
+On a lent GPU with little time, scripts/bench_gpu_device.sh runs the parts one by one, each under
+its own time limit, with the wheels the machine lacks. The random INT4 checkpoint
 (and for QLoRA a bf16 copy, which bitsandbytes quantizes while loading; 13.5 GB at 32 layers)
 is made once in --work (default out/bench) and reused; the dense models are made on the GPU.
 
