@@ -168,12 +168,13 @@ def part_step0(res: Results, bits: list[int], tokens: int, ranks: list[int] | No
                 res.put(key, step0_row(name, base, init, r, tokens, inputs=inputs))
 
 
-def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int) -> None:
+def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int,
+                  inits: tuple[str, ...] = ("zero", "quailora")) -> None:
     for b in bits:
         name = config_for(b)
         base = ensure_checkpoint(name)
         for seed in seeds:
-            for init in ("zero", "quailora"):
+            for init in inits:
                 key = f"finetune/int{b}/{init}/seed{seed}/{steps}"
                 if key in res:
                     continue
@@ -239,6 +240,7 @@ def main() -> int:
     ap.add_argument("--ranks", default="4,8,16,32,64")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--inits", default="zero,quailora", help="finetune: the inits to run (two processes can split them)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "quailora.json")
     ap.add_argument("--table", action="store_true", help="print the markdown table from --out and exit")
     ap.add_argument("--checkpoints", type=Path, help="the checkpoints' folder (made there when missing, with the "
@@ -260,7 +262,7 @@ def main() -> int:
             if args.part in (inputs, "all"):
                 part_step0(res, bits, args.ppl_tokens, None, inputs=inputs)
         if args.part in ("finetune", "all"):
-            part_finetune(res, bits, [int(s) for s in args.seeds.split(",")], args.steps)
+            part_finetune(res, bits, [int(s) for s in args.seeds.split(",")], args.steps, tuple(args.inits.split(",")))
     print(table(res, args.ppl_tokens))
     return 0
 
