@@ -90,6 +90,10 @@ def _block_work(p: Phase, cfg: RunConfig, shape: ModelShape, dev: str, md: int) 
     if corrected:  # quant/sequential.py: the third stream, the model as lora.init corrects it
         p.add("lora.init statistics on the corrected model: its activations, its copy of the block, its H and C",
               dev, tokens * shape.hidden * md + block_weights + 2 * widest ** 2 * 4 + target)
+    # quant/group_stats.py: one batch's inputs of a group's layers, on every stream at once
+    streams = 1 + (cfg.quantize.target == "float" or corrected) + corrected
+    p.add(f"one batch's layer inputs on {streams} stream(s) ({cfg.quantize.batch_size} x {c.seq_len} x {widest})",
+          dev, streams * min(cfg.quantize.batch_size, c.num_samples) * c.seq_len * widest * md)
     # the accumulated H, its damped copy, the Cholesky factor, H^-1 and its factor (quant/gptq.py)
     p.add(f"Hessians of the widest input ({widest} x {widest} float32, 5 copies)", dev, 5 * widest ** 2 * 4)
     largest = shape.largest(lambda lin: lin.weights).weights
