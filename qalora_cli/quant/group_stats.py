@@ -60,45 +60,26 @@ def layer_inputs(block: nn.Module, names: list[str], hidden: torch.Tensor, kwarg
     return seen
 
 
-class _Grams:
-    """H per layer; layers fed the same tensor (q/k/v, gate/up) share one accumulator."""
+class _Shared:
+    """An accumulator per layer (HessianAccumulator or CrossAccumulator); layers fed the very
+    same tensors (q/k/v, gate/up) share one, fed once per batch."""
 
-    def __init__(self):
-        self.accs: dict[str, HessianAccumulator] = {}
+    def __init__(self, make):
+        self.make, self.accs = make, {}
 
-    def add(self, xs: dict[str, torch.Tensor]) -> None:
-        by_input: dict[int, HessianAccumulator] = {}   # xs holds the tensors: their ids stay unique
-        for name, x in xs.items():
-            acc = by_input.get(id(x))
+    def add(self, tensors: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        fed = {}   # `tensors` holds the tensors alive: their ids stay unique
+        for name, ts in tensors.items():
+            key = tuple(id(t) for t in ts)
+            acc = fed.get(key)
             if acc is None:
-                acc = self.accs.get(name) or HessianAccumulator(x.shape[-1], x.device)
-                acc.add(x)
-                by_input[id(x)] = acc
+                acc = self.accs.get(name) or self.make(ts[-1].shape[-1], ts[-1].device)
+                acc.add(*ts)
+                fed[key] = acc
             self.accs[name] = acc
 
-    def result(self) -> dict[str, torch.Tensor]:
-        return {n: a.H for n, a in self.accs.items()}
-
-
-class _Crosses:
-    """C per layer, pairing the reference inputs with another stream's."""
-
-    def __init__(self):
-        self.accs: dict[str, CrossAccumulator] = {}
-
-    def add(self, ref: dict[str, torch.Tensor], xs: dict[str, torch.Tensor]) -> None:
-        by_pair: dict[tuple[int, int], CrossAccumulator] = {}
-        for name, x in xs.items():
-            key = (id(ref[name]), id(x))
-            acc = by_pair.get(key)
-            if acc is None:
-                acc = self.accs.get(name) or CrossAccumulator(x.shape[-1], x.device)
-                acc.add(ref[name], x)
-                by_pair[key] = acc
-            self.accs[name] = acc
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return {n: a.C for n, a in self.accs.items()}
+    def result(self, attr: str) -> dict[str, torch.Tensor]:
+        return {n: getattr(a, attr) for n, a in self.accs.items()}
 
 
 @torch.no_grad()
@@ -108,16 +89,17 @@ def group_stats(names: list[str], main: Stream, ref: Stream | None = None, corr:
     H and C against `ref` (which it then needs)."""
     if (cross or corr is not None) and ref is None:
         raise ValueError("C needs the reference stream")
-    H, C, H_corr, C_corr = _Grams(), _Crosses(), _Grams(), _Crosses()
+    H, H_corr = _Shared(HessianAccumulator), _Shared(HessianAccumulator)
+    C, C_corr = _Shared(CrossAccumulator), _Shared(CrossAccumulator)
     for i, kw in enumerate(main.inputs.kwargs):
         mine = layer_inputs(main.block, names, main.inputs.hidden[i], kw)
-        H.add(mine)
+        H.add({n: (x,) for n, x in mine.items()})
         r = layer_inputs(ref.block, names, ref.inputs.hidden[i], kw) if ref is not None else None
         if cross:
-            C.add(r, mine)
+            C.add({n: (r[n], x) for n, x in mine.items()})
         if corr is not None:
             c = layer_inputs(corr.block, names, corr.inputs.hidden[i], kw)
-            H_corr.add(c)
-            C_corr.add(r, c)
-    return GroupStats(H.result(), C.result() if cross else None,
-                      H_corr.result() if corr is not None else None, C_corr.result() if corr is not None else None)
+            H_corr.add({n: (x,) for n, x in c.items()})
+            C_corr.add({n: (r[n], x) for n, x in c.items()})
+    return GroupStats(H.result("H"), C.result("C") if cross else None,
+                      H_corr.result("H") if corr is not None else None, C_corr.result("C") if corr is not None else None)
