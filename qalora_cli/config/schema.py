@@ -158,7 +158,8 @@ class TrainSection(Section):
     adapter_dir: str | None = Field(None, description="where the adapter goes (default: output.dir + '-qalora')")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
-        "auto", description="auto: bf16 where the device supports it, else no")
+        "auto", description="auto: bf16 on CUDA (fp16 where bf16 is missing) and on CPUs that multiply bf16 "
+                                "natively (AVX512-BF16, AMX), else no: emulated bf16 is slower than float32")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward pass on each process")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step, over accumulation and processes")
     learning_rate: float = Field(2e-4, gt=0)

@@ -23,6 +23,7 @@ from ..output_dir import discard, set_aside, sweep_stale
 from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
 from ..train.loop import Run, evaluate, train_loop
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.precision import resolve_mixed_precision
 from ..train.progress_bar import training_progress
 
 REPORT_NAME = "finetune_report.json"
@@ -62,13 +63,9 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _mixed_precision(choice: str, device: torch.device) -> str:
-    if choice != "auto":
-        if choice == "fp16" and device.type == "cpu":
-            raise UserError("train.mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
-        return choice
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" else "no"
+    if choice == "fp16" and device.type == "cpu":
+        raise UserError("train.mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
+    return resolve_mixed_precision(choice, device.type)
 
 
 def _accelerator(device: torch.device, mixed_precision: str):
