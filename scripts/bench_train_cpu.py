@@ -4,6 +4,8 @@ side by side on the same random batch (same tokens, same labelled half, same los
   qalora     QA-LoRA on an INT4 g32 checkpoint (this project's code), fp32 model + bf16 autocast
   lora-bf16  PEFT LoRA on the unquantized model held in bf16, bf16 autocast
   qlora-nf4  PEFT LoRA on a bitsandbytes NF4 (double-quant, bf16 compute) model, bf16 autocast
+  qalora-fp32  QA-LoRA as above without autocast: what `train.mixed_precision: auto` runs on a CPU
+             without native bf16 (train/precision.py); beside `qalora` it shows what emulated bf16 costs
 
 All use rank 64, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down, torch AdamW lr 2e-4, no
 gradient checkpointing, and ResponseLoss (lm_head only at the labelled positions).
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from benchlib import error_line
 
-VARIANTS = ("qalora", "lora-bf16", "qlora-nf4")
+VARIANTS = ("qalora", "lora-bf16", "qlora-nf4", "qalora-fp32")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -87,6 +89,7 @@ def child_prepare(args) -> dict:
         # only for its error report, and clip_search (on in the builtin config) is a per-group
         # search: without these two overrides "seconds" became 3 minutes on 2 cores.
         cfg = load_config("smollm2-135m-int4", ["quantize.method=rtn", "quantize.act_order=false",
+                                                "quantize.static_groups=false",
                                                 f"output.dir={work / 'q'}", "quantize.device=cpu",
                                                 "quantize.clip_search=false", "calibration.num_samples=8"])
         try:  # a failure here fails only the qalora row, which then reports this reason
@@ -137,7 +140,7 @@ def build(args):
     """-> the causal LM with its adapters, only the adapters trainable."""
     import torch
 
-    if args.variant == "qalora":
+    if args.variant.startswith("qalora"):
         from qalora_cli.config.schema import LoraSection
         from qalora_cli.lora.inject import inject_qalora
         from qalora_cli.models.quantized_io import load_quantized
@@ -170,7 +173,7 @@ def build(args):
 def import_libraries(variant: str) -> None:
     """What the variant imports, up front: the RSS after this is the libraries' share."""
     from transformers import AutoModelForCausalLM  # noqa: F401
-    if variant == "qalora":
+    if variant.startswith("qalora"):
         import qalora_cli.lora.inject, qalora_cli.models.quantized_io  # noqa: F401, E401
         return
     import peft.import_utils
@@ -204,7 +207,8 @@ def child_variant(args) -> dict:
     denominator = float((labels[:, 1:] != -100).sum())
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the project's loop (accelerate bf16)
+        # as the project's loop (accelerate bf16), but for qalora-fp32 (mixed_precision no)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.variant != "qalora-fp32"):
             loss = loss_fn(ids, mask, labels, denominator)
         loss.backward()
         opt.step()
