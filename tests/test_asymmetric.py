@@ -32,9 +32,13 @@ def test_where_the_inputs_agree_the_target_is_the_weight_itself_whatever_the_dam
     H, C = HessianAccumulator(16), CrossAccumulator(16, "cpu")
     H.add(X)
     C.add(X, X)
-    assert torch.equal(C.C, H.H)  # the same arithmetic, so no rounding for the solve to amplify
+    # the two accumulators agree to float32 rounding (their arithmetic differs: the bits depend on the BLAS) ...
+    assert torch.allclose(C.C, H.H, rtol=1e-5, atol=1e-6 * float(H.H.abs().max()))
     for damp in (1e-4, 0.01, 0.1):
-        assert torch.allclose(asymmetric_target(W, C.C, H.H, damp), W, atol=1e-5)
+        # ... and with C = H the target is W itself: the damping pulls towards W, never shrinks W_t. (With the
+        # accumulated C the solve amplifies that rounding along the barely visited directions: 1e-5 on one
+        # CPU, more on an Intel MKL one.)
+        assert torch.allclose(asymmetric_target(W, H.H, H.H, damp), W, atol=1e-6)
 
 
 def test_damping_pulls_the_target_towards_the_weight():

@@ -31,11 +31,7 @@ class CrossAccumulator:
         n = x.shape[0]
         self.C *= self.tokens / (self.tokens + n)
         self.tokens += n
-        # HessianAccumulator's arithmetic step for step: where the streams agree (the first layers)
-        # C is then H bit for bit and the target is W exactly, on any BLAS (with alpha= instead, the
-        # rounding differed, and the solve amplified it along barely visited input directions)
-        scale = (2.0 / self.tokens) ** 0.5
-        self.C.addmm_((x_ref * scale).t(), x * scale)
+        self.C.addmm_(x_ref.t(), x, alpha=2.0 / self.tokens)
 
 
 def asymmetric_target(weight: torch.Tensor, C: torch.Tensor, H: torch.Tensor, damp_percent: float) -> torch.Tensor:
