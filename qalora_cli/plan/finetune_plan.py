@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from ..config.schema import RunConfig
 from ..errors import UserError
-from ..train.precision import resolve_mixed_precision
+from ..train.precision import runs_half
 from .activations import (AdapterInputs, Precision, block_saved_per_token, boundary_per_token,
                           dropout_mask_bytes, logits_bytes)
 from .budget import Phase, StagePlan
@@ -42,10 +42,7 @@ class Trainee:
 def precision(cfg: RunConfig, dev: str) -> Precision:
     """recipes/finetune: float32 model on the CPU (bf16 autocast when mixed_precision resolves to bf16);
     on a GPU the model is held in the mixed-precision type."""
-    mp = cfg.train.mixed_precision
-    if dev != "cuda":       # on CUDA auto is bf16 or fp16: 2 bytes either way, whichever GPU it lands on
-        mp = resolve_mixed_precision(mp, dev)
-    half = 2 if mp in ("auto", "bf16", "fp16") else None
+    half = 2 if runs_half(cfg.train.mixed_precision, dev) else None
     if dev == "cpu":
         return Precision(model=4, compute=half or 4)
     return Precision(model=half or 4, compute=half or 4)

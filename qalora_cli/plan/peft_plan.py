@@ -16,7 +16,7 @@ QA-LoRA's (finetune_plan.device_phases) with this model and these adapters."""
 from __future__ import annotations
 
 from ..config.schema import RunConfig
-from ..train.precision import resolve_mixed_precision
+from ..train.precision import runs_half
 from .activations import AdapterInputs, Precision, dropout_mask_bytes
 from .budget import Phase, StagePlan
 from .devices import planned_device
@@ -45,10 +45,7 @@ def plan_peft_finetune(cfg: RunConfig, shape: ModelShape) -> StagePlan:
 def autocast_on(cfg: RunConfig, dev: str) -> bool:
     """recipes/finetune._mixed_precision: auto is bf16/fp16 on CUDA, bf16 on a CPU with native bf16, no
     elsewhere (train/precision.py)."""
-    mp = cfg.train.mixed_precision
-    if mp == "auto" and dev == "cuda":
-        return True      # bf16 or fp16, whichever the GPU the run lands on supports
-    return resolve_mixed_precision(mp, dev) in ("bf16", "fp16")
+    return runs_half(cfg.train.mixed_precision, dev)
 
 
 def peft_model_bytes(method: str, shape: ModelShape) -> int:

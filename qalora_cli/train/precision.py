@@ -3,8 +3,8 @@
 On the CPU, bf16 autocast pays only where the CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX).
 Elsewhere torch converts every operand and runs the product in float32 kernels: measured on an
 AVX512 Xeon without BF16 (2 cores, 2026-11-30), a 2048x576 by 576x1536 matmul with its backward took
-4.0x as long under bf16 autocast as in float32, and a 60-step SmolLM2 fine-tune ran about 5x slower
-than on a CPU with native bf16. So auto picks bf16 there and float32 everywhere else on the CPU.
+4.0x as long under bf16 autocast as in float32, and a QA-LoRA training step on SmolLM2 2.71x as long
+(docs/BENCHMARKS.md). So auto picks bf16 there and float32 everywhere else on the CPU.
 """
 
 from __future__ import annotations
@@ -29,3 +29,11 @@ def resolve_mixed_precision(choice: str, device_type: str) -> str:
     if device_type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "no"
+
+
+def runs_half(choice: str, device_type: str) -> bool:
+    """For the memory plans: does the run compute in a 16-bit type? auto on CUDA always does (bf16 or
+    fp16, 2 bytes either way), without probing a GPU the plan may be made for elsewhere."""
+    if choice == "auto" and device_type == "cuda":
+        return True
+    return resolve_mixed_precision(choice, device_type) in ("bf16", "fp16")
