@@ -179,8 +179,10 @@ def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int,
                 if key in res:
                     continue
                 out = ROOT / "out" / "bench" / "quailora-ft" / f"int{b}-{init}-s{seed}"
+                # a run stopped part way (a session's end) goes on from its last checkpoint
+                again = "--resume" if any((out / "checkpoints").glob("step-*")) else "--overwrite"
                 cmd = [sys.executable, "-m", "qalora_cli", "finetune", "--config", name, "--output", str(out),
-                       "--max-steps", str(steps), "--overwrite", f"lora.init={init}", f"train.seed={seed}",
+                       "--max-steps", str(steps), again, f"lora.init={init}", f"train.seed={seed}",
                        f"train.quantized_model={base}"]
                 t = time.perf_counter()
                 subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -189,6 +191,7 @@ def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int,
                 res.put(key, {"loss_before": rep["before"]["eval_loss"], "loss_after": rep["after"]["eval_loss"],
                               "exact_match_before": em("before"), "exact_match_after": em("after"),
                               "init_seconds": rep["init"].get("seconds", 0.0),
+                              "mixed_precision": rep["mixed_precision"], "resumed_from": rep["resumed_from"],
                               "train_seconds": rep["seconds"]["train"],
                               "total_seconds": rep["seconds"]["total"], "wall_seconds": round(time.perf_counter() - t, 1)})
 
@@ -217,15 +220,16 @@ def table(res: Results, tokens: int) -> str:
                          f"{100 * r['init_seconds'] / ft_s:.2f}% |")
     ft_rows = [(k, r) for k, r in rows.items() if k.startswith("finetune/")]
     if ft_rows:
-        lines += ["", "| bits | init | seeds | held-out loss step 0 | after | exact match after | fine-tune s |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| bits | init | seeds | precision | held-out loss step 0 | after | exact match after | "
+                  "fine-tune s |", "|---|---|---:|---|---:|---:|---:|---:|"]
         for b in (4, 3, 2):
             for init in ("zero", "quailora"):
                 rs = [r for k, r in ft_rows if k.startswith(f"finetune/int{b}/{init}/")]
                 if not rs:
                     continue
                 mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
-                lines.append(f"| INT{b} | {init} | {len(rs)} | {mean(lambda r: r['loss_before']):.4f} | "
+                precision = ", ".join(sorted({r.get("mixed_precision", "?") for r in rs}))
+                lines.append(f"| INT{b} | {init} | {len(rs)} | {precision} | {mean(lambda r: r['loss_before']):.4f} | "
                              f"{mean(lambda r: r['loss_after']):.4f} | "
                              f"{100 * mean(lambda r: r['exact_match_after'] or 0):.1f}% | "
                              f"{mean(lambda r: r['total_seconds']):.0f} |")

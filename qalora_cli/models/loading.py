@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config.schema import ModelSection
 from ..dtypes import DTYPES  # callers import it from here too
 from ..errors import UserError, first_line
+from . import gguf_cache
 from .source import ModelSource, resolve_source
 
 __all__ = ["DTYPES", "check_tokenizer", "load_model", "load_tokenizer", "quiet_transformers"]
@@ -16,18 +17,26 @@ def load_model(m: ModelSection, device: str = "cpu"):
 
     quiet_transformers()
     src = resolve_source(m)
-    kw = dict(gguf_file=src.gguf_file, revision=src.revision, trust_remote_code=m.trust_remote_code)
+    converted = gguf_cache.converted_folder(src, m.dtype)
+    from_cache = gguf_cache.is_complete(converted)
+    location = str(converted) if from_cache else src.location
+    kw = dict(trust_remote_code=m.trust_remote_code) if from_cache else \
+        dict(gguf_file=src.gguf_file, revision=src.revision, trust_remote_code=m.trust_remote_code)
     try:
-        tokenizer = check_tokenizer(AutoTokenizer.from_pretrained(src.location, **kw))
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=DTYPES[m.dtype], **kw)
+        tokenizer = check_tokenizer(AutoTokenizer.from_pretrained(location, **kw))
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[m.dtype], **kw)
     except Exception as e:  # the loading boundary: corrupt files, missing weights, no network
         raise UserError(f"could not load the model '{src.describe()}': {first_line(e)}") from e
-    if src.gguf_file:
+    if from_cache:
+        model.config._name_or_path = src.location  # as the GGUF load names it
+    elif src.gguf_file:
         # transformers dequantizes GGUF weights at load; nothing quantized remains, so the
         # model must not claim a quantizer when saved.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        if converted is not None:
+            gguf_cache.store(model, tokenizer, converted)
     model.eval().to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
