@@ -2,14 +2,14 @@
 and loaded from there afterwards.
 
 Why: transformers' GGUF loader re-parses the file's whole vocabulary field by field and rebuilds
-its tensor-name map once per tensor. The embedded SmolLM2 (a 100 MB Q4_1 file) took 60 s to load
-on 2 CPU cores, 3 s of it dequantizing; from the converted folder it loads in a few seconds. Every
-qalora stage on a GGUF source paid that minute.
+its tensor-name map once per tensor. The embedded SmolLM2 (a 100 MB Q4_1 file) took 36.9 s to load
+on 2 CPU cores, 3 s of it dequantizing, and 0.42 s from the converted folder (docs/BENCHMARKS.md).
+Every qalora stage on a GGUF source paid that.
 
 The key is the file's path, size and modification time, the dtype it is loaded in and the
 transformers version (its GGUF conversion may change). A folder is written under a temporary name
-and renamed when complete, so an interrupted or failed write (a full disk, a read-only home) leaves
-nothing and the load goes on from the GGUF file.
+(output_dir's, so a killed writer's leftovers are swept by the next one) and renamed when complete:
+a failed write (a full disk, a read-only home) leaves nothing and the load goes on from the GGUF.
 
 Where: $QALORA_CACHE_DIR, else $XDG_CACHE_HOME/qalora, else ~/.cache/qalora (folder gguf/).
 QALORA_GGUF_CACHE=0 turns it off."""
@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from ..output_dir import sweep_stale_in, temp_sibling
 from .source import ModelSource
 
 
@@ -58,11 +58,12 @@ def store(model, tokenizer, folder: Path) -> None:
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=folder.parent))
+        sweep_stale_in(folder.parent)
+        tmp = temp_sibling(folder)
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)  # another process that got there first wins: ours is removed below
-    except OSError:
+    except Exception:  # noqa: BLE001 - any failure (safetensors' own errors included) only skips the cache
         pass
     finally:
         if tmp is not None and tmp.exists():
