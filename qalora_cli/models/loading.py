@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config.schema import ModelSection
 from ..dtypes import DTYPES  # callers import it from here too
 from ..errors import UserError, first_line
@@ -36,7 +38,7 @@ def load_model(m: ModelSection, device: str = "cpu"):
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         if converted is not None:
-            gguf_cache.store(model, tokenizer, converted)
+            gguf_cache.store(model, tokenizer, converted, Path(src.location) / src.gguf_file)
     model.eval().to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
