@@ -11,6 +11,14 @@ import pytest
 import torch
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# Under pytest-xdist (-n N), the cores are shared out: each worker, and every process it starts, runs
+# torch on cores/N threads. More threads than cores make each OpenMP region wait on the others (a
+# tiny model's forward ~100x slower: one_torch_thread below).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1:
+    _PER_WORKER = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["GPTQMODEL_CPU_WORKERS"] = _PER_WORKER
+    torch.set_num_threads(int(_PER_WORKER))
 # Without a GPU, Triton kernels run on the CPU through its interpreter: set before any module
 # imports triton, since the flag is read when a kernel is defined.
 if not torch.cuda.is_available():
@@ -92,3 +100,17 @@ def world(bases, tiny_model_dir, tmp_path_factory):
     from fuzz_world import World
 
     return World(bases, tiny_model_dir, tmp_path_factory.mktemp("fuzz"))
+
+
+# pytest-xdist with --dist loadfile hands out whole files in collection order: the longest first (on
+# 2 cores, one torch thread each: minutes), so that no worker is left with a long file at the end.
+# Run with --no-loadscope-reorder, or xdist puts the files with the most tests first instead.
+LONGEST_FILES_FIRST = ("test_smollm2_finetune_slow.py", "test_memory_plan_slow.py", "test_smollm2_slow.py",
+                       "test_stream_slow.py", "test_fuzz_readers_slow.py", "test_recipe_slow.py",
+                       "test_kill_soak_slow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _WORKERS > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
