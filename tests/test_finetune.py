@@ -4,6 +4,7 @@ step, 2 processes (gloo) give the 1-process curve, and bad input ends in one lin
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,11 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, qbase, tmp_path):
 
     code, text = ft("--resume")
     assert code == 2 and "nothing to resume" in text
+    out.mkdir()  # a finished adapter without checkpoints (what undoing a killed --overwrite leaves)
+    (out / "adapter_config.json").write_text("{}")
+    code, text = ft("--resume")
+    assert code == 2 and "holds a finished adapter" in text and "--overwrite" in text
+    shutil.rmtree(out)
     code, text = ft("--device", "cuda:7")
     assert code == 2 and "not available" in text
     code, text = ft("lora.targets=[q_proj, nope]")

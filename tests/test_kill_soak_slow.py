@@ -227,7 +227,9 @@ def soak_finetune(model: Path, base: Path, tmp_path: Path, rng: random.Random) -
     cfg = write_yaml(tmp_path / "cfg" / "ft.yaml", finetune_dict(model, base, run_dir))
 
     def next_args():
-        existed = (run_dir / "adapter_config.json").is_file()
+        # a killed --overwrite left the finished adapter aside: the next run puts it back, so there is
+        # nothing to resume (the new run's checkpoints go with it)
+        existed = (run_dir / "adapter_config.json").is_file() or bool(stale_old(run_dir))
         resumable = not existed and checkpoints_whole(run_dir) > 0
         return ["finetune", "--config", cfg, "--resume" if resumable else "--overwrite"], existed
 
@@ -240,7 +242,8 @@ def soak_finetune(model: Path, base: Path, tmp_path: Path, rng: random.Random) -
 
     kill_chain("finetune", rng, window, next_args, after_kill)
     if not (run_dir / "adapter_config.json").is_file():
-        last = kill_soak.run(["finetune", "--config", cfg, "--resume" if checkpoints_whole(run_dir) else "--overwrite"])
+        resumable = checkpoints_whole(run_dir) and not stale_old(run_dir)
+        last = kill_soak.run(["finetune", "--config", cfg, "--resume" if resumable else "--overwrite"])
         assert last.returncode == 0, last.stderr[-3000:]
     same_training(ref, run_dir)
     assert kill_soak.leftovers(run_dir, FT_KEEP) == []

@@ -17,7 +17,7 @@ def quantized(tmp_path_factory):
     """The fine-tune's INT4 base: GPTQ as configured, on the built-in text alone (no samples to generate)
     and without lora.init's statistics: CI time."""
     out = tmp_path_factory.mktemp("gptq") / "m"
-    run(load_config("smollm2-135m-int4", ["calibration.num_samples=32", "calibration.seq_len=128",
+    run(load_config("smollm2-135m-int4", ["calibration.num_samples=16", "calibration.seq_len=128",
                                           "calibration.generated_fraction=0", "output.init_stats=false",
                                           "quantize.device=cpu", f"output.dir={out}"]), show_progress=False)
     return {"gptq": out}

@@ -47,6 +47,9 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     finished = _finished(run_dir)
     has_ckpt = bool(checkpoint_dirs(run_dir))
     if resume:
+        if finished and not has_ckpt:  # e.g. a killed --overwrite, undone by the sweep above
+            raise UserError(f"nothing to resume: '{run_dir}' holds a finished adapter (an interrupted "
+                            "--overwrite leaves the earlier one in place); pass --overwrite to train again")
         if not has_ckpt:
             raise UserError(f"nothing to resume: '{run_dir}' holds no checkpoint")
         return
