@@ -47,11 +47,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     finished = _finished(run_dir)
     has_ckpt = bool(checkpoint_dirs(run_dir))
     if resume:
-        if finished and not has_ckpt:  # e.g. a killed --overwrite, undone by the sweep above
-            raise UserError(f"nothing to resume: '{run_dir}' holds a finished adapter (an interrupted "
-                            "--overwrite leaves the earlier one in place); pass --overwrite to train again")
-        if not has_ckpt:
-            raise UserError(f"nothing to resume: '{run_dir}' holds no checkpoint")
+        if not has_ckpt:  # finished: e.g. a killed --overwrite, undone by the sweep above
+            held = ("a finished adapter (an interrupted --overwrite leaves the earlier one in place); pass "
+                    "--overwrite to train again") if finished else "no checkpoint"
+            raise UserError(f"nothing to resume: '{run_dir}' holds {held}")
         return
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         what = "a finished adapter" if finished else ("an unfinished run (continue it with --resume)"
