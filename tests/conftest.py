@@ -104,10 +104,11 @@ def world(bases, tiny_model_dir, tmp_path_factory):
 
 # pytest-xdist with --dist loadfile hands out whole files in collection order: the longest first (on
 # 2 cores, one torch thread each: minutes), so that no worker is left with a long file at the end.
-# Run with --no-loadscope-reorder, or xdist puts the files with the most tests first instead.
-LONGEST_FILES_FIRST = ("test_smollm2_finetune_slow.py", "test_memory_plan_slow.py", "test_smollm2_slow.py",
-                       "test_stream_slow.py", "test_fuzz_readers_slow.py", "test_recipe_slow.py",
-                       "test_kill_soak_slow.py")
+# Run with --no-loadscope-reorder, or xdist puts the files with the most tests first instead. The
+# order is by measured time; xdist starts each worker with two files (the 1st and 3rd, 2nd and 4th).
+LONGEST_FILES_FIRST = ("test_memory_plan_slow.py", "test_smollm2_slow.py", "test_smollm2_finetune_slow.py",
+                       "test_recipe_slow.py", "test_kill_soak_slow.py", "test_fuzz_readers_slow.py",
+                       "test_stream_slow.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Corrupt and hostile files, a small seeded set per reader (issue 17, item 3): every bad file
 is read or refused in one line with exit code 2, never a traceback, never a hang. The long run
-(500+ cases per reader) is test_fuzz_readers_slow.py; the mutations are in fuzz_readers.py."""
+(250+ cases per reader in CI, 500 in docs/RELIABILITY.md) is test_fuzz_readers_slow.py; the
+mutations are in fuzz_readers.py."""
 
 from __future__ import annotations
 
