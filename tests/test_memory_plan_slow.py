@@ -36,13 +36,14 @@ def peak_rss(args: list[str], log: Path) -> int:
     memory (VmHWM), sampled every 20 ms while it runs. Not wait4's ru_maxrss: Linux carries the
     parent's high-water mark over fork and exec into it, so under a pytest process grown to gigabytes
     (the whole slow step) every child would report the parent's size."""
-    hwm = 0
+    hwm, start = 0, time.perf_counter()
     with open(log, "w") as out:
         p = subprocess.Popen([QALORA, *args], stdout=out, stderr=subprocess.STDOUT)
         while p.poll() is None:
             hwm = max(hwm, _vm_hwm(p.pid))
             time.sleep(0.02)
     assert p.returncode == 0, log.read_text()[-3000:]
+    print(f"qalora {args[0]}: {time.perf_counter() - start:.0f} s")  # what CI time goes to (pytest -s)
     return hwm
 
 
@@ -57,8 +58,10 @@ def _vm_hwm(pid: int) -> int:
 
 
 def planned(args: list[str]) -> dict:
+    start = time.perf_counter()
     r = subprocess.run([QALORA, *args, "--dry-run", "--output-json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    print(f"qalora {args[0]} --dry-run: {time.perf_counter() - start:.0f} s")
     return json.loads(r.stdout)
 
 
