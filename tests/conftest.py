@@ -102,21 +102,19 @@ def world(bases, tiny_model_dir, tmp_path_factory):
     return World(bases, tiny_model_dir, tmp_path_factory.mktemp("fuzz"))
 
 
-# The slow step on 2 pytest-xdist workers (--dist loadgroup --no-loadscope-reorder): the long files
-# in two lanes of about equal time (measured on 2 cores, one torch thread each), one lane per worker,
-# so a file's module fixtures are built once; the other tests are handed out one at a time to
-# whichever worker is free. Lanes, not xdist's own queue of whole files (--dist loadfile): that
-# commits a worker to its next file early, and left one worker idle for the last 10 minutes.
-SLOW_LANES = {"lane-a": ("test_memory_plan_slow.py", "test_smollm2_finetune_slow.py"),
-              "lane-b": ("test_smollm2_slow.py", "test_recipe_slow.py", "test_kill_soak_slow.py",
-                         "test_stream_slow.py")}
-_LANE_OF = {name: lane for lane, names in SLOW_LANES.items() for name in names}
+# pytest-xdist with --dist loadfile hands out whole files in collection order: the longest first (on
+# 2 cores, one torch thread each: minutes), so that no worker is left with a long file at the end.
+# Run with --no-loadscope-reorder, or xdist puts the files with the most tests first instead. The
+# order is by measured time; xdist hands a worker its next file as soon as it has 2 tests or fewer
+# left to run, so the last files are committed early (on 2026-12-01 one worker ended 10 minutes
+# before the other). --dist loadgroup with xdist_group marks did not keep a group on one worker
+# with pytest-xdist 3.8.0 here, so a module's fixtures would be built twice: not used.
+LONGEST_FILES_FIRST = ("test_memory_plan_slow.py", "test_smollm2_slow.py", "test_smollm2_finetune_slow.py",
+                       "test_recipe_slow.py", "test_kill_soak_slow.py", "test_fuzz_readers_slow.py",
+                       "test_stream_slow.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     if _WORKERS > 1:
-        for item in items:
-            if item.path.name in _LANE_OF:
-                item.add_marker(pytest.mark.xdist_group(_LANE_OF[item.path.name]))
-        items.sort(key=lambda item: item.path.name not in _LANE_OF)  # the lanes first; stable otherwise
+        rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
