@@ -1,6 +1,7 @@
 """The long run of test_fuzz_readers.py: at least 250 generated cases per reader in CI (the same
-derandomized cases every run; QALORA_FUZZ_CASES=500 is the run docs/RELIABILITY.md reports). `QALORA_FUZZ_COUNTS=FILE` appends each reader's count and how its
-cases ended (read / refused) to FILE as JSON lines; docs/RELIABILITY.md has the figures."""
+derandomized cases every run; QALORA_FUZZ_CASES=500 is the run docs/RELIABILITY.md reports).
+`QALORA_FUZZ_COUNTS=FILE` appends each reader's count and how its cases ended (read / refused) to
+FILE as JSON lines; docs/RELIABILITY.md has the figures."""
 
 from __future__ import annotations
 
