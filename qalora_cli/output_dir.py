@@ -160,16 +160,20 @@ def sweep_stale_in(folder: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def sweep_stale(target: str | Path, finished: Callable[[Path], bool] | None = None) -> None:
+def sweep_stale(target: str | Path, finished: Callable[[Path], bool] | None = None,
+                resumable: Callable[[Path], bool] | None = None) -> None:
     """Undo what a killed writer of `target` left: the finished output it was replacing goes
     back in place if the new one never arrived (`finished(target)` false; by default: `target`
     absent, as atomic outputs appear only whole), replacing what the new one left unfinished;
-    its half-built and half-deleted folders go."""
+    its half-built and half-deleted folders go. An output built in place (a fine-tune) may be
+    `resumable` part way: then what it replaced comes back only if that was finished, since an
+    --overwrite of an unfinished run (or an empty folder) asked for the new run, checkpoints and all."""
     target = Path(target)
     done = finished or (lambda p: p.exists())
+    part_way = resumable or (lambda p: False)
     for p in stale_temporaries(target):
         kind = _TEMP.match(p.name)["kind"]
-        if kind == "old" and not done(target):
+        if kind == "old" and not done(target) and (done(p) or not part_way(target)):
             if target.exists():
                 discard(target)  # the replacement that never finished; the old one is still whole
             os.replace(p, target)

@@ -16,7 +16,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_config_dict, tiny_finetune_dict
+from helpers import dead_owner, tiny_config_dict, tiny_finetune_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.errors import UserError
@@ -226,6 +226,29 @@ def test_two_fine_tunes_with_other_precisions_run_in_one_process(tiny_model_dir,
     assert first["after"]["eval_loss"] != second["after"]["eval_loss"]
     # bf16 autocast rounds the forward: the two curves start from one model and already differ at step 1
     assert losses(tmp_path / "a")[0]["loss"] != losses(tmp_path / "b")[0]["loss"]
+
+
+def test_a_killed_overwrite_of_an_unfinished_run_keeps_the_new_runs_checkpoints(tmp_path):
+    """--overwrite of an empty folder (or an unfinished run) asked for the new run: once killed, its
+    checkpoints stay for --resume, and what it replaced goes. Only a finished adapter is put back."""
+    for earlier, kept in (({}, "new"), ({"metrics.jsonl": b"{}\n"}, "new"), ({"adapter_config.json": b"{}"}, "old")):
+        case = tmp_path / str(len(list(tmp_path.iterdir())))
+        out = case / "adapter"
+        step = out / "checkpoints" / "step-000020"
+        step.mkdir(parents=True)
+        (step / "trainer_state.json").write_text("{}")
+        old = case / f".adapter.old-{dead_owner()}"
+        old.mkdir()
+        for name, data in earlier.items():
+            (old / name).write_bytes(data)
+        if kept == "new":
+            finetune_recipe.check_run_dir(out, resume=True, overwrite=False)
+            assert finetune_recipe.checkpoint_dirs(out) == [step]
+        else:
+            with pytest.raises(UserError, match="holds a finished adapter"):
+                finetune_recipe.check_run_dir(out, resume=True, overwrite=False)
+            assert sorted(p.name for p in out.iterdir()) == sorted(earlier)
+        assert [p.name for p in case.iterdir()] == ["adapter"]
 
 
 def test_a_kill_during_overwrite_gives_the_earlier_adapter_back(tiny_model_dir, qbase, tmp_path):

@@ -43,7 +43,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Decide, before any slow work, whether this run may use `run_dir`."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
-    sweep_stale(run_dir, finished=_finished)  # a killed --overwrite: the earlier run back, the new one gone
+    # a killed --overwrite: a finished earlier adapter comes back (the new run goes); anything less keeps the new run
+    sweep_stale(run_dir, finished=_finished, resumable=lambda d: bool(checkpoint_dirs(d)))
     finished = _finished(run_dir)
     has_ckpt = bool(checkpoint_dirs(run_dir))
     if resume:
