@@ -7,6 +7,7 @@ what it does to a fine-tune. Resumable: every finished row is saved at once to t
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_quailora.py --part finetune         # hours on 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_quailora.py --checkpoints out/q --out out/bench/q.json  # afresh
     .venv/bin/python scripts/bench_quailora.py --table                                   # markdown from the JSON
+    .venv/bin/python scripts/bench_quailora.py --table --out a.json --with b.json        # ... from several
 
 Parts:
 - step0: held-out perplexity (built-in held-out text, windows of 512) of the float model and of each
@@ -193,7 +194,8 @@ def part_finetune(res: Results, bits: list[int], seeds: list[int], steps: int,
                               "init_seconds": rep["init"].get("seconds", 0.0),
                               "mixed_precision": rep["mixed_precision"], "resumed_from": rep["resumed_from"],
                               "train_seconds": rep["seconds"]["train"],
-                              "total_seconds": rep["seconds"]["total"], "wall_seconds": round(time.perf_counter() - t, 1)})
+                              "total_seconds": rep["seconds"]["total"],
+                              "wall_seconds": round(time.perf_counter() - t, 1)})
 
 
 def table(res: Results, tokens: int) -> str:
@@ -218,21 +220,34 @@ def table(res: Results, tokens: int) -> str:
                          f"{100 * gap:+.1f}% | {100 * r['mean_remaining_error']:.1f}% ({total(r)}) | "
                          f"{r['init_seconds']:.2f} | "
                          f"{100 * r['init_seconds'] / ft_s:.2f}% |")
-    ft_rows = [(k, r) for k, r in rows.items() if k.startswith("finetune/")]
+    ft_rows = {k: r for k, r in rows.items() if k.startswith("finetune/")}
     if ft_rows:
-        lines += ["", "| bits | init | seeds | precision | held-out loss step 0 | after | exact match after | "
-                  "fine-tune s |", "|---|---|---:|---|---:|---:|---:|---:|"]
-        for b in (4, 3, 2):
-            for init in ("zero", "quailora"):
-                rs = [r for k, r in ft_rows if k.startswith(f"finetune/int{b}/{init}/")]
-                if not rs:
-                    continue
-                mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
-                precision = ", ".join(sorted({r.get("mixed_precision", "?") for r in rs}))
-                lines.append(f"| INT{b} | {init} | {len(rs)} | {precision} | {mean(lambda r: r['loss_before']):.4f} | "
-                             f"{mean(lambda r: r['loss_after']):.4f} | "
-                             f"{100 * mean(lambda r: r['exact_match_after'] or 0):.1f}% | "
-                             f"{mean(lambda r: r['total_seconds']):.0f} |")
+        lines += ["", finetune_table(ft_rows)]
+    return "\n".join(lines)
+
+
+def finetune_table(ft_rows: dict) -> str:
+    """Per bit width and init: each seed's held-out loss and exact match after the fine-tune, and their means."""
+    lines = ["| bits | init | precision | held-out loss step 0 (mean) | after: seed 0 / 1 / 2 | **mean** | "
+             "exact match: seed 0 / 1 / 2 | **mean** | fine-tune s (mean) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    loss = lambda r: r["loss_after"]  # noqa: E731
+    em = lambda r: r["exact_match_after"] or 0  # noqa: E731
+    for b in (4, 3, 2):
+        for init in ("zero", "quailora"):
+            by_seed = {int(k.split("/")[3].removeprefix("seed")): r for k, r in ft_rows.items()
+                       if k.startswith(f"finetune/int{b}/{init}/")}
+            if not by_seed:
+                continue
+            rs = list(by_seed.values())
+            mean = lambda f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
+            each = lambda f, fmt: " / ".join(  # noqa: E731
+                fmt(f(by_seed[s])) if s in by_seed else "-" for s in (0, 1, 2))
+            precision = ", ".join(sorted({r.get("mixed_precision", "?") for r in rs}))
+            lines.append(f"| INT{b} | {init} | {precision} | {mean(lambda r: r['loss_before']):.4f} | "
+                         f"{each(loss, '{:.4f}'.format)} | {mean(loss):.4f} | "
+                         f"{each(em, lambda v: f'{100 * v:.1f}%')} | {100 * mean(em):.1f}% | "
+                         f"{mean(lambda r: r['total_seconds']):.0f} |")
     return "\n".join(lines)
 
 
@@ -244,15 +259,20 @@ def main() -> int:
     ap.add_argument("--ranks", default="4,8,16,32,64")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--inits", default="zero,quailora", help="finetune: the inits to run (two processes can split them)")
+    ap.add_argument("--inits", default="zero,quailora",
+                    help="finetune: the inits to run (two processes can split them)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "quailora.json")
     ap.add_argument("--table", action="store_true", help="print the markdown table from --out and exit")
+    ap.add_argument("--with", dest="also", type=Path, action="append", default=[],
+                    help="--table: rows of another results file too (e.g. each lane's of a split run)")
     ap.add_argument("--checkpoints", type=Path, help="the checkpoints' folder (made there when missing, with the "
                                                       "configs' settings); default: each config's output.dir")
     args = ap.parse_args()
     global CHECKPOINTS
     CHECKPOINTS = args.checkpoints
     res = Results(args.out)
+    for extra in args.also if args.table else []:
+        res.rows.update(Results(extra).rows)
     if not args.table:
         from qalora_cli.library_logs import quiet_library_logs
 
