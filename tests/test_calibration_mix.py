@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from qalora_cli.config.loader import load_config
 from qalora_cli.config.schema import CalibrationSection
-from qalora_cli.data.builtin_text import calibration_text, heldout_text
+from qalora_cli.data.builtin_text import calibration_text
 from qalora_cli.data.calibration import calibration_batches, describe, generated_windows, n_generated
 
 from helpers import make_tiny_llama, make_tokenizer

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from typer.testing import CliRunner
 

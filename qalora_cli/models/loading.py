@@ -8,7 +8,7 @@ from ..config.schema import ModelSection
 from ..dtypes import DTYPES  # callers import it from here too
 from ..errors import UserError, first_line
 from . import gguf_cache
-from .source import ModelSource, resolve_source
+from .source import resolve_source
 
 __all__ = ["DTYPES", "check_tokenizer", "load_model", "load_tokenizer", "quiet_transformers"]
 
