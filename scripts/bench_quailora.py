@@ -268,10 +268,12 @@ def main() -> int:
     ap.add_argument("--checkpoints", type=Path, help="the checkpoints' folder (made there when missing, with the "
                                                       "configs' settings); default: each config's output.dir")
     args = ap.parse_args()
+    if args.also and not args.table:
+        ap.error("--with joins results files for --table only")  # runs write to --out alone
     global CHECKPOINTS
     CHECKPOINTS = args.checkpoints
     res = Results(args.out)
-    for extra in args.also if args.table else []:
+    for extra in args.also:
         res.rows.update(Results(extra).rows)
     if not args.table:
         from qalora_cli.library_logs import quiet_library_logs
