@@ -1,8 +1,11 @@
 """Builders the tests share: a tiny random Llama and its small trained tokenizer, the config
 that quantizes it, a random adapter saved as `qalora finetune` saves one, the merge command
-line, and reference computations. conftest.py turns the slow ones into session fixtures."""
+line, reference computations, and a progress bar that presses Ctrl-C. conftest.py turns the slow ones into session fixtures."""
 
 from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
 
 import torch
 from typer.testing import CliRunner
@@ -142,7 +145,6 @@ def tiny_finetune_dict(model_dir, out_dir, adapter_dir, **train):
 
 def dead_owner() -> str:
     """The owner tag (pid.start time) of a process that was killed with SIGKILL and reaped."""
-    import signal
     import subprocess
 
     from qalora_cli.process_owner import start_time
@@ -152,3 +154,16 @@ def dead_owner() -> str:
     p.send_signal(signal.SIGKILL)
     p.wait()
     return tag
+
+
+@contextmanager
+def progress_that_ctrl_cs_at(step_to_stop):
+    """A stand-in for the training loop's progress bar that sends this process SIGINT, as Ctrl-C
+    does, when the loop reports `step_to_stop`: to patch over the trainer's `progress`."""
+    @contextmanager
+    def progress(total, start, enabled=True, every=10):
+        def update(step, record):
+            if step == step_to_stop:
+                signal.raise_signal(signal.SIGINT)
+        yield update
+    yield progress

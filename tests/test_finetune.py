@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import dead_owner, tiny_config_dict, tiny_finetune_dict
+from helpers import dead_owner, progress_that_ctrl_cs_at, tiny_config_dict, tiny_finetune_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.errors import UserError
@@ -78,17 +77,6 @@ def test_loss_falls_and_the_saved_adapter_reproduces_the_model(tiny_model_dir, q
     assert abs(float(loss) - report["after"]["eval_loss"]) < 1e-4 * max(1.0, float(loss))
 
 
-@contextmanager
-def _ctrl_c_at(step_to_stop):
-    @contextmanager
-    def progress(total, start, enabled=True, every=10):
-        def update(step, record):
-            if step == step_to_stop:
-                signal.raise_signal(signal.SIGINT)  # what Ctrl-C delivers
-        yield update
-    yield progress
-
-
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_model_dir, qbase, tmp_path, monkeypatch):
     settings = dict(max_steps=10, save_every=3, schedule="cosine", warmup_steps=2)
     whole = tmp_path / "whole"
@@ -99,7 +87,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_model_dir, qbase, t
     cfg_whole = validate(dict(ft_dict(tiny_model_dir, qbase, tmp_path / "whole-dropout", **settings),
                               lora={"rank": 8, "alpha": 16, "dropout": 0.1}), "t")
     finetune_recipe.run(cfg_whole, show_progress=False)  # dropout: the RNG state must resume too
-    with monkeypatch.context() as m, _ctrl_c_at(5) as progress:
+    with monkeypatch.context() as m, progress_that_ctrl_cs_at(5) as progress:
         m.setattr(finetune_recipe, "training_progress", progress)
         report = finetune_recipe.run(cfg_cut, show_progress=False)
     assert report["interrupted"] and report["steps"] == 5

@@ -6,15 +6,13 @@ uses, Ctrl-C then --resume gives the uninterrupted curve, and `merge --format fl
 plain HF folder whose logits are the unmerged model's."""
 
 import json
-import signal
-from contextlib import contextmanager
 
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_finetune_dict
+from helpers import progress_that_ctrl_cs_at, tiny_finetune_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.recipes import finetune as finetune_recipe
@@ -138,17 +136,6 @@ def test_the_shared_loader_gives_plain_peft_s_model(runs, tiny_model_dir):
             torch.testing.assert_close(ours(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
 
 
-@contextmanager
-def _ctrl_c_at(step_to_stop):
-    @contextmanager
-    def progress(total, start, enabled=True, every=10):
-        def update(step, record):
-            if step == step_to_stop:
-                signal.raise_signal(signal.SIGINT)  # what Ctrl-C delivers
-        yield update
-    yield progress
-
-
 def test_lora_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     settings = dict(max_steps=8, save_every=3, eval_every=4, schedule="cosine", warmup_steps=2)
 
@@ -157,7 +144,7 @@ def test_lora_ctrl_c_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp
                              lora={"rank": 8, "alpha": 16, "dropout": 0.1}), "t")
 
     finetune_recipe.run(cfg("whole"), show_progress=False)
-    with monkeypatch.context() as m, _ctrl_c_at(4) as progress:
+    with monkeypatch.context() as m, progress_that_ctrl_cs_at(4) as progress:
         m.setattr(finetune_recipe, "training_progress", progress)
         report = finetune_recipe.run(cfg("cut"), show_progress=False)
     assert report["interrupted"] and report["steps"] == 4 and not (tmp_path / "cut" / "adapter_config.json").exists()
