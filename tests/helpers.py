@@ -1,6 +1,7 @@
 """Builders the tests share: a tiny random Llama and its small trained tokenizer, the config
 that quantizes it, a random adapter saved as `qalora finetune` saves one, the merge command
-line, reference computations, and a progress bar that presses Ctrl-C. conftest.py turns the slow ones into session fixtures."""
+line, reference computations, and a progress bar that presses Ctrl-C. conftest.py turns the
+slow ones into session fixtures."""
 
 from __future__ import annotations
 
