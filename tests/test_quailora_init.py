@@ -12,12 +12,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import tiny_config_dict
+from helpers import progress_that_ctrl_cs_at, tiny_config_dict
 from qalora_cli.cli.app import app
 from qalora_cli.config.loader import validate
 from qalora_cli.kernels.torch_quant_linear import TorchQuantLinear
 from qalora_cli.lora import init as init_math
-from qalora_cli.lora.init_stats import STATS_NAME, layer_stats, load_stats, quantized_weights, recompute_stats
+from qalora_cli.lora.init_stats import (STATS_FORMAT, STATS_NAME, layer_stats, load_stats, quantized_weights,
+                                        recompute_stats)
 from qalora_cli.lora.inject import inject_qalora
 from qalora_cli.lora.qalora_linear import QALoraLinear
 from qalora_cli.models.quantized_io import load_quantized
@@ -333,6 +334,59 @@ def test_init_then_training_runs_and_resumes(tiny_model_dir, qbase, tmp_path):
                                                learning_rate=1e-3, eval_every=2, save_every=2), "t"),
                               show_progress=False)
     assert rep["steps"] == 2 and rep["init"]["method"] == "quailora" and rep["after"]["eval_loss"] > 0
+
+
+def _with_stats_inputs(base, dst, inputs, target):
+    """A copy of `base` whose statistics say they were taken on `inputs`, quantized for `target`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, dst)
+    tensors = load_file(dst / STATS_NAME)
+    save_file(tensors, dst / STATS_NAME, metadata={"format": STATS_FORMAT, "version": "1", "inputs": inputs})
+    rep = json.loads((dst / "quantize_report.json").read_text())
+    (dst / "quantize_report.json").write_text(json.dumps(dict(rep, target=target)))
+    return dst
+
+
+def test_auto_init_is_quailora_where_the_base_stores_fitting_statistics_else_zero(tiny_model_dir, qbase,
+                                                                                   tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    def run(base, name, init="auto", **train):
+        return finetune_recipe.run(validate(ft_dict(tiny_model_dir, base, tmp_path / name, init=init, **train), "t"),
+                                   show_progress=False)
+
+    assert validate(tiny_config_dict(tiny_model_dir, qbase), "t").lora.init == "auto"  # the default
+    auto, zero = run(qbase, "auto"), run(qbase, "zero", "zero")
+    run(qbase, "quailora", "quailora")
+    assert auto["init"]["method"] == "quailora" and "stores statistics that fit it" in auto["init"]["auto"]
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("auto", "quailora"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the very same adapter
+    # no statistics: zero, without the slow recompute from the original model (still on disk here)
+    bases = tmp_path / "bases"
+    bare = run(_copy_without_stats(qbase, bases / "bare"), "bare")
+    assert bare["init"] == {"method": "zero", "step0_eval_loss": zero["before"]["eval_loss"],
+                            "auto": f"'{bases / 'bare'}' stores no {STATS_NAME}"}
+    # statistics of the quantized model's own inputs suit a local-target (GPTQ) base only
+    quantized_inputs = "quantized-sequential"
+    gptaq = run(_with_stats_inputs(qbase, bases / "gptaq", quantized_inputs, "float"), "on-gptaq")
+    assert gptaq["init"]["method"] == "zero" and "quantize.target float" in gptaq["init"]["auto"]
+    gptq = run(_with_stats_inputs(qbase, bases / "gptq", quantized_inputs, "local"), "on-gptq")
+    assert gptq["init"]["method"] == "quailora" and gptq["init"]["stats_inputs"] == quantized_inputs
+    # the baselines start from PEFT's B = 0 whatever the base stores
+    qlora_cfg = validate(dict(ft_dict(tiny_model_dir, qbase, tmp_path / "qlora"), finetune={"method": "lora"},
+                              lora={"rank": RANK, "alpha": 16, "dropout": 0.0}), "t")
+    assert finetune_recipe.run(qlora_cfg, show_progress=False)["init"]["method"] == "zero"
+    # --resume keeps the init of the run it continues: a zero run, cut at step 1, resumed as auto
+    with monkeypatch.context() as m, progress_that_ctrl_cs_at(1) as progress:
+        m.setattr(finetune_recipe, "training_progress", progress)
+        cut = run(qbase, "cut", "zero", max_steps=2, save_every=1, eval_every=2)
+    assert cut["interrupted"] and cut["steps"] == 1
+    cfg = validate(ft_dict(tiny_model_dir, qbase, tmp_path / "cut", init="auto", max_steps=2, save_every=1,
+                           eval_every=2), "t")
+    resumed = finetune_recipe.run(cfg, resume=True, show_progress=False)
+    assert resumed["steps"] == 2 and resumed["init"]["method"] == "zero"
+    assert resumed["init"]["auto"] == "the init of the run resumed"
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_model_dir, qbase, tmp_path):

@@ -107,12 +107,14 @@ class LoraSection(Section):
                                   "or module names, e.g. [q_proj, v_proj]")
     group_size: int | None = Field(None, description="pooling group size; it must equal the checkpoint's "
                                                      "(default: the checkpoint's)")
-    init: Literal["zero", "svd", "quailora"] = Field(
-        "zero", description="where the adapters start: zero (B = 0, the quantized model itself); svd (weight-only: "
+    init: Literal["auto", "zero", "svd", "quailora"] = Field(
+        "auto", description="where the adapters start: zero (B = 0, the quantized model itself); svd (weight-only: "
                             "rank-r SVD of the per-group mean of the quantization residual); quailora (calibrated: "
                             "the rank-r group-constant correction that best cancels the quantization error on the "
-                            "calibration inputs). svd and quailora read qalora_init/quailora_stats.safetensors in the "
-                            "checkpoint, else recompute it from the original model")
+                            "calibration inputs); auto: quailora where the checkpoint stores statistics that suit "
+                            "it (`qalora quantize` writes them), zero elsewhere. svd and quailora read "
+                            "qalora_init/quailora_stats.safetensors in the checkpoint, else recompute it from the "
+                            "original model")
 
 
 class DataSection(Section):

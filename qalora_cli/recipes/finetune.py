@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..config.schema import RunConfig
 from ..errors import UserError, first_line
 from ..memory import peak_memory_mib
 from ..output_dir import discard, set_aside, sweep_stale
-from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state
+from ..train.checkpoint import STATE, checkpoint_dirs, load_checkpoint, set_rng_state
 from ..train.loop import Run, evaluate, train_loop
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.precision import resolve_mixed_precision
@@ -171,12 +172,29 @@ class FinetuneRecipe:
             raise UserError(f"train.batch_size {t.batch_size} / micro_batch_size {t.micro_batch_size} micro-batches "
                             f"cannot be shared by {acc.num_processes} processes; make it a multiple of "
                             f"{acc.num_processes}")
+        self.choose_init()
         self.trainee = build_trainee(self.cfg, acc, self.base_dir, self.resume)
+        if self.auto_init and self.cfg.finetune.method == "qalora" and acc.is_main_process:
+            # said once the setup's refusals are past, so that each of them stays one line
+            print(f"lora.init auto -> {self.cfg.lora.init}: {self.auto_init}", file=sys.stderr, flush=True)
         self.model = self.trainee.model
         _set_checkpointing(self.model, t.gradient_checkpointing)
         self.model.config.use_cache = False
         self.setup_data()
         self.setup_optimizer()
+
+    def choose_init(self) -> None:
+        """lora.init auto: the concrete init it stands for here, in the config from now on (the
+        checkpoints' fingerprint, the report)."""
+        self.auto_init = None
+        if self.cfg.lora.init != "auto":
+            return
+        from ..lora.init_choice import auto_init
+
+        latest = checkpoint_dirs(self.run_dir)[-1:] if self.resume else []
+        init, why = auto_init(self.cfg.finetune.method, self.base_dir, _state_or_none(latest))
+        self.cfg = self.cfg.model_copy(update={"lora": self.cfg.lora.model_copy(update={"init": init})})
+        self.auto_init = why
 
     def setup_data(self) -> None:
         tok = self.trainee.tokenizer
@@ -244,7 +262,8 @@ class FinetuneRecipe:
             "mixed_precision": acc.mixed_precision, "optimizer": self.opt_name,
             "gradient_checkpointing": _checkpointing_on(self.model), **trainee.report(),
             "steps": outcome["step"], "resumed_from": self.start_step or None, "interrupted": outcome["interrupted"],
-            "init": dict(trainee.init_report, step0_eval_loss=baseline["eval_loss"]), "before": baseline,
+            "init": dict(trainee.init_report, step0_eval_loss=baseline["eval_loss"],
+                         **({"auto": self.auto_init} if self.auto_init else {})), "before": baseline,
             "seconds": {"setup": round(t_setup - self.t0, 2), "train": round(time.perf_counter() - t_setup, 2)},
             "tokens_per_s": metrics[-1]["tokens_per_s"] if metrics else None,
             "peak_memory_mib": peak_memory_mib(acc.device),
@@ -299,6 +318,15 @@ def _check_fingerprint(latest: Path, state: dict, fingerprint: dict) -> None:
             changed = sorted(k for k in fingerprint[key] if had.get(k) != fingerprint[key][k])
             raise UserError(f"cannot resume: {key} settings differ from the checkpoint's ({', '.join(changed)}); "
                             "resume with the same config")
+
+
+def _state_or_none(latest: list[Path]) -> dict | None:
+    """The trainer state of the checkpoint in `latest` (none: None); unreadable: None, as
+    _restore then says what is wrong with it."""
+    try:
+        return json.loads((latest[0] / STATE).read_text()) if latest else None
+    except (OSError, ValueError):
+        return None
 
 
 def _truncate_metrics(log: Path, step: int) -> None:

@@ -163,7 +163,7 @@ def check_method_inputs(cfg: RunConfig, base_dir: Path) -> None:
         if not (base_dir / "config.json").is_file():
             raise UserError(f"no quantized model at '{base_dir}': run `qalora quantize` first or pass --model")
         return
-    if cfg.lora.init != "zero":
+    if cfg.lora.init not in ("zero", "auto"):
         raise UserError(f"lora.init {cfg.lora.init} applies to finetune.method qalora only; {method} starts from "
                         "PEFT's B = 0 (lora.init zero)")
     if cfg.lora.group_size is not None:
