@@ -8,26 +8,26 @@ the slow fallback (recomputing the statistics from the original model): an expli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .init_stats import STATS_NAME, inputs_label, stored_inputs
+from .init_stats import STATS_NAME, inputs_label, quantize_record, stored_inputs
 
 CHOSEN = ("zero", "svd", "quailora")
 
 
-def auto_init(finetune_method: str, base_dir: Path, resumed_state: dict | None = None) -> tuple[str, str]:
-    """-> (the init `auto` stands for, why). `resumed_state`: the trainer state of the checkpoint
-    a --resume continues, whose adapters are already initialized: its init stands."""
+def auto_init(finetune_method: str, base_dir: Path, resumed_state: dict | None = None) -> tuple[str, str | None]:
+    """-> (the init `auto` stands for, why; None: no choice made, the baselines start from
+    PEFT's B = 0). `resumed_state`: the trainer state of the checkpoint a --resume continues,
+    whose adapters are already initialized: its init stands."""
     if finetune_method != "qalora":
-        return "zero", f"finetune.method {finetune_method} starts from PEFT's B = 0"
+        return "zero", None
     recorded = ((resumed_state or {}).get("lora") or {}).get("init")
     if recorded in CHOSEN:
         return recorded, "the init of the run resumed"
     if not (base_dir / STATS_NAME).is_file():
         return "zero", f"'{base_dir}' stores no {STATS_NAME}"
     inputs = stored_inputs(base_dir)
-    target = _quantize_target(base_dir)
+    target = quantize_record(base_dir).get("target")
     if inputs == inputs_label(None) and target not in (None, "local"):
         # statistics of the quantized model's own inputs aim each layer back at its own weight,
         # undoing what a GPTAQ base compensated (README, lora.init)
@@ -35,9 +35,3 @@ def auto_init(finetune_method: str, base_dir: Path, resumed_state: dict | None =
                         f"quantize.target {target} compensated")
     return "quailora", f"'{base_dir}' stores statistics that fit it ({inputs or 'inputs not recorded'})"
 
-
-def _quantize_target(base_dir: Path) -> str | None:
-    try:
-        return json.loads((base_dir / "quantize_report.json").read_text()).get("target")
-    except (OSError, ValueError, AttributeError):
-        return None

@@ -165,16 +165,21 @@ def _how_to(method: str, base_dir: Path, why: str) -> UserError:
                      f"{why}; re-quantize with `qalora quantize` (it writes them), or use lora.init=zero")
 
 
+def quantize_record(base_dir: Path) -> dict:
+    """The checkpoint's quantize_report.json ({} when it has none or it is unreadable)."""
+    try:
+        report = json.loads((Path(base_dir) / "quantize_report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def source_model(cfg, base_dir: Path, method: str):
     """The ModelSection of the model the checkpoint was quantized from (its quantize_report.json)."""
     from ..config.schema import ModelSection
     from ..models.source import resolve_source
 
-    report = base_dir / "quantize_report.json"
-    try:
-        recorded = json.loads(report.read_text()).get("model")
-    except (OSError, json.JSONDecodeError):
-        recorded = None
+    recorded = quantize_record(base_dir).get("model")
     if not recorded:
         raise _how_to(method, base_dir, "no quantize_report.json records the original model")
     try:

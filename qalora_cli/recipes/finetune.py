@@ -21,7 +21,7 @@ from ..config.schema import RunConfig
 from ..errors import UserError, first_line
 from ..memory import peak_memory_mib
 from ..output_dir import discard, set_aside, sweep_stale
-from ..train.checkpoint import STATE, checkpoint_dirs, load_checkpoint, set_rng_state
+from ..train.checkpoint import checkpoint_dirs, load_checkpoint, set_rng_state, trainer_state
 from ..train.loop import Run, evaluate, train_loop
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.precision import resolve_mixed_precision
@@ -174,7 +174,7 @@ class FinetuneRecipe:
                             f"{acc.num_processes}")
         self.choose_init()
         self.trainee = build_trainee(self.cfg, acc, self.base_dir, self.resume)
-        if self.auto_init and self.cfg.finetune.method == "qalora" and acc.is_main_process:
+        if self.auto_init and acc.is_main_process:
             # said once the setup's refusals are past, so that each of them stays one line
             print(f"lora.init auto -> {self.cfg.lora.init}: {self.auto_init}", file=sys.stderr, flush=True)
         self.model = self.trainee.model
@@ -324,7 +324,7 @@ def _state_or_none(latest: list[Path]) -> dict | None:
     """The trainer state of the checkpoint in `latest` (none: None); unreadable: None, as
     _restore then says what is wrong with it."""
     try:
-        return json.loads((latest[0] / STATE).read_text()) if latest else None
+        return trainer_state(latest[0]) if latest else None
     except (OSError, ValueError):
         return None
 

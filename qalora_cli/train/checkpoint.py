@@ -106,12 +106,17 @@ def save_checkpoint(run_dir: Path, step: int, adapter_tensors: dict[str, torch.T
     return final
 
 
+def trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer state (its JSON; raises OSError / ValueError when unreadable)."""
+    return json.loads((path / STATE).read_text())
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, torch.Tensor]:
     """-> (trainer state, adapter tensors, optimizer state_dict, rng states [processes, n])."""
     from safetensors.torch import load_file
 
     try:
-        state = json.loads((path / STATE).read_text())
+        state = trainer_state(path)
         adapter = load_file(path / "adapter_model.safetensors")
         optimizer = unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
         rng = load_file(path / "rng.safetensors")["rng"]
